@@ -1,0 +1,299 @@
+//! Configuration as data: the model's shape and the training recipe, as serde structs with
+//! defaults. They are validated once, before any work, and saved as JSON inside every checkpoint;
+//! loading rebuilds the model from that JSON before it reads a single weight.
+
+use anyhow::{bail, ensure, Result};
+use serde::{Deserialize, Serialize};
+
+/// Shape of the network. `vocab_size` comes from the tokenizer, never from the user.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    pub vocab_size: i64,
+    /// Token embedding size, shared in shape (not weights) by encoder and decoder.
+    pub emb_dim: i64,
+    /// Convolution widths of the encoder (Kim 2014 style n-gram detectors).
+    pub kernel_widths: Vec<i64>,
+    /// Filters per convolution width.
+    pub conv_filters: i64,
+    /// Size of z.
+    pub latent_dim: i64,
+    pub hidden_dim: i64,
+    pub num_layers: i64,
+    /// Dropout on the decoder's input embeddings (training only).
+    pub emb_dropout: f64,
+    /// Dropout on the LSTM outputs before the vocabulary projection (training only).
+    pub out_dropout: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 0,
+            emb_dim: 256,
+            kernel_widths: vec![3, 4, 5],
+            conv_filters: 128,
+            latent_dim: 32,
+            hidden_dim: 512,
+            num_layers: 1,
+            emb_dropout: 0.3,
+            out_dropout: 0.3,
+        }
+    }
+}
+
+impl ModelConfig {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.vocab_size > 4,
+            "vocabulary size must exceed the 4 special tokens, got {}",
+            self.vocab_size
+        );
+        ensure!(
+            self.emb_dim > 0,
+            "--emb-dim must be positive, got {}",
+            self.emb_dim
+        );
+        ensure!(
+            self.latent_dim > 0,
+            "--latent-dim must be positive, got {}",
+            self.latent_dim
+        );
+        ensure!(
+            self.hidden_dim > 0,
+            "--hidden-dim must be positive, got {}",
+            self.hidden_dim
+        );
+        ensure!(
+            self.num_layers > 0,
+            "--num-layers must be positive, got {}",
+            self.num_layers
+        );
+        ensure!(
+            self.conv_filters > 0,
+            "--conv-filters must be positive, got {}",
+            self.conv_filters
+        );
+        ensure!(
+            !self.kernel_widths.is_empty(),
+            "--kernel-widths needs at least one width"
+        );
+        for &k in &self.kernel_widths {
+            ensure!((1..=16).contains(&k), "kernel width {k} is outside 1..=16");
+        }
+        for (name, p) in [
+            ("--emb-dropout", self.emb_dropout),
+            ("--out-dropout", self.out_dropout),
+        ] {
+            ensure!((0.0..1.0).contains(&p), "{name} must be in [0, 1), got {p}");
+        }
+        Ok(())
+    }
+}
+
+/// How beta, the weight of the KL term, moves with the training step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum KlSchedule {
+    /// beta fixed for the whole run.
+    Constant { beta: f64 },
+    /// beta rises linearly from `start` to 1 over `steps` (He et al. 2019).
+    Linear { start: f64, steps: u64 },
+    /// beta = 1 / (1 + exp(-k (step - x0))) (Bowman et al. 2016).
+    Logistic { k: f64, x0: f64 },
+    /// Cycles of `period` steps: beta rises linearly from `start` to 1 over the first `ratio`
+    /// of each cycle and stays at 1 for the rest (Fu et al. 2019).
+    Cyclical { period: u64, ratio: f64, start: f64 },
+}
+
+impl Default for KlSchedule {
+    fn default() -> Self {
+        KlSchedule::Linear {
+            start: 0.0,
+            steps: 2000,
+        }
+    }
+}
+
+impl KlSchedule {
+    pub fn validate(&self) -> Result<()> {
+        match *self {
+            KlSchedule::Constant { beta } => {
+                ensure!(
+                    beta >= 0.0 && beta.is_finite(),
+                    "--beta must be >= 0, got {beta}"
+                )
+            }
+            KlSchedule::Linear { start, steps } => {
+                ensure!(
+                    (0.0..=1.0).contains(&start),
+                    "--kl-start must be in [0, 1], got {start}"
+                );
+                ensure!(steps > 0, "--kl-steps must be positive");
+            }
+            KlSchedule::Logistic { k, x0 } => {
+                ensure!(k > 0.0 && k.is_finite(), "--kl-k must be positive, got {k}");
+                ensure!(x0.is_finite(), "--kl-x0 must be finite");
+            }
+            KlSchedule::Cyclical {
+                period,
+                ratio,
+                start,
+            } => {
+                ensure!(period > 0, "--kl-steps (the cycle length) must be positive");
+                ensure!(
+                    ratio > 0.0 && ratio <= 1.0,
+                    "--kl-ratio must be in (0, 1], got {ratio}"
+                );
+                ensure!(
+                    (0.0..=1.0).contains(&start),
+                    "--kl-start must be in [0, 1], got {start}"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The training recipe.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub batch_size: usize,
+    pub lr: f64,
+    /// Gradient norm clipping threshold.
+    pub clip_norm: f64,
+    pub epochs: usize,
+    /// Wall-clock budget; training stops (and saves) when it is spent.
+    pub max_minutes: Option<f64>,
+    /// Sentences longer than this many tokens (before `</s>`) are skipped and counted.
+    pub max_len: usize,
+    /// Share of the corpus held out for validation when no `--valid` file is given.
+    pub valid_share: f64,
+    pub seed: u64,
+    /// Probability of replacing a decoder input token by `<unk>` (Bowman et al. 2016).
+    pub word_dropout: f64,
+    /// Free bits lambda per latent dimension, in nats (0 = off).
+    pub free_bits: f64,
+    pub kl_schedule: KlSchedule,
+    /// Epochs without validation improvement before the learning rate is halved.
+    pub lr_patience: usize,
+    pub lr_decay: f64,
+    pub min_lr: f64,
+    /// Steps per logging window (log line and metrics record).
+    pub log_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 32,
+            lr: 1e-3,
+            clip_norm: 5.0,
+            epochs: 100,
+            max_minutes: None,
+            max_len: 64,
+            valid_share: 0.05,
+            seed: 1234,
+            word_dropout: 0.3,
+            free_bits: 0.0,
+            kl_schedule: KlSchedule::default(),
+            lr_patience: 1,
+            lr_decay: 0.5,
+            min_lr: 1e-5,
+            log_every: 50,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.batch_size > 0, "--batch-size must be positive");
+        ensure!(
+            self.lr > 0.0 && self.lr.is_finite(),
+            "--lr must be positive, got {}",
+            self.lr
+        );
+        ensure!(
+            self.clip_norm > 0.0,
+            "--clip-norm must be positive, got {}",
+            self.clip_norm
+        );
+        ensure!(self.epochs > 0, "--epochs must be positive");
+        if let Some(m) = self.max_minutes {
+            ensure!(
+                m > 0.0 && m.is_finite(),
+                "--max-minutes must be positive, got {m}"
+            );
+        }
+        ensure!(self.max_len > 0, "--max-len must be positive");
+        ensure!(
+            self.valid_share > 0.0 && self.valid_share < 0.5,
+            "--valid-share must be in (0, 0.5), got {}",
+            self.valid_share
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.word_dropout),
+            "--word-dropout must be in [0, 1), got {}",
+            self.word_dropout
+        );
+        ensure!(
+            self.free_bits >= 0.0 && self.free_bits.is_finite(),
+            "--free-bits must be >= 0, got {}",
+            self.free_bits
+        );
+        if !(self.lr_decay > 0.0 && self.lr_decay <= 1.0) {
+            bail!("lr_decay must be in (0, 1], got {}", self.lr_decay);
+        }
+        ensure!(self.log_every > 0, "--log-every must be positive");
+        self.kl_schedule.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_once_vocab_is_known() {
+        let mut m = ModelConfig::default();
+        assert!(m.validate().is_err(), "vocab 0 must be rejected");
+        m.vocab_size = 100;
+        m.validate().unwrap();
+        TrainConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let m = ModelConfig {
+            vocab_size: 100,
+            latent_dim: 0,
+            ..Default::default()
+        };
+        assert!(m.validate().unwrap_err().to_string().contains("latent"));
+        let t = TrainConfig {
+            word_dropout: 1.5,
+            ..Default::default()
+        };
+        assert!(t
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("word-dropout"));
+    }
+
+    #[test]
+    fn config_round_trips_through_json() {
+        let t = TrainConfig {
+            kl_schedule: KlSchedule::Cyclical {
+                period: 100,
+                ratio: 0.5,
+                start: 0.0,
+            },
+            ..Default::default()
+        };
+        let s = serde_json::to_string(&t).unwrap();
+        let back: TrainConfig = serde_json::from_str(&s).unwrap();
+        assert_eq!(t, back);
+    }
+}

@@ -1,0 +1,259 @@
+//! Corpus reading, tokenization, the train/validation split and length-bucketed batches.
+//!
+//! A corpus is a UTF-8 file with one sentence per line. Blank lines are skipped; invalid UTF-8 is
+//! an error naming the line; sentences longer than `max_len` tokens are skipped and counted
+//! (truncating them would teach the decoder to end sentences mid-clause).
+
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use rand::seq::SliceRandom;
+use rand::Rng;
+use tch::{Device, Kind, Tensor};
+
+use crate::tokenizer::{TextTokenizer, BOS, EOS, PAD};
+
+/// Sentences of a corpus file with their 1-based line numbers.
+#[derive(Debug, Clone, Default)]
+pub struct Corpus {
+    pub lines: Vec<String>,
+    pub line_numbers: Vec<usize>,
+    pub blank_skipped: usize,
+}
+
+/// Reads `path`: one sentence per line, trimmed; blank lines skipped.
+pub fn read_corpus(path: &Path) -> Result<Corpus> {
+    ensure!(path.exists(), "corpus {} does not exist", path.display());
+    ensure!(
+        !path.is_dir(),
+        "corpus {} is a directory, not a file of sentences",
+        path.display()
+    );
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading corpus {}", path.display()))?;
+    let corpus = parse_corpus(&bytes).with_context(|| format!("corpus {}", path.display()))?;
+    ensure!(
+        !corpus.lines.is_empty(),
+        "corpus {} has no sentences (empty or only blank lines)",
+        path.display()
+    );
+    Ok(corpus)
+}
+
+/// Splits raw bytes into sentences; fails on the first line that is not UTF-8.
+pub fn parse_corpus(bytes: &[u8]) -> Result<Corpus> {
+    let mut corpus = Corpus::default();
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = match std::str::from_utf8(raw) {
+            Ok(l) => l,
+            Err(e) => bail!("line {} is not valid UTF-8 ({e})", i + 1),
+        };
+        let line = line.trim();
+        if line.is_empty() {
+            corpus.blank_skipped += 1;
+            continue;
+        }
+        corpus.lines.push(line.to_string());
+        corpus.line_numbers.push(i + 1);
+    }
+    // The final newline leaves one empty piece that is not a blank line of the file.
+    if bytes.ends_with(b"\n") {
+        corpus.blank_skipped -= 1;
+    }
+    Ok(corpus)
+}
+
+/// A seeded split: about `share` of the sentences held out, never trained on.
+pub fn split_valid(lines: &[String], share: f64, seed: u64) -> (Vec<String>, Vec<String>) {
+    let mut rng = crate::seeded_rng(seed);
+    let mut train = Vec::with_capacity(lines.len());
+    let mut valid = Vec::new();
+    for line in lines {
+        if rng.random::<f64>() < share {
+            valid.push(line.clone());
+        } else {
+            train.push(line.clone());
+        }
+    }
+    // A tiny corpus can come out with an empty side; move one sentence over so both exist.
+    if valid.is_empty() && train.len() > 1 {
+        valid.push(train.pop().unwrap_or_default());
+    }
+    (train, valid)
+}
+
+/// Tokenized sentences (without `<s>`/`</s>`) and what was skipped.
+#[derive(Debug, Default)]
+pub struct Encoded {
+    pub seqs: Vec<Vec<i64>>,
+    pub skipped_long: usize,
+    pub skipped_empty: usize,
+}
+
+impl Encoded {
+    pub fn total_tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.len() + 1).sum()
+    }
+}
+
+pub fn encode_lines(tok: &TextTokenizer, lines: &[String], max_len: usize) -> Result<Encoded> {
+    let mut out = Encoded::default();
+    for line in lines {
+        let ids = tok.encode(line)?;
+        if ids.is_empty() {
+            out.skipped_empty += 1;
+        } else if ids.len() > max_len {
+            out.skipped_long += 1;
+        } else {
+            out.seqs.push(ids);
+        }
+    }
+    Ok(out)
+}
+
+/// A padded batch. Encoder input and decoder target are the same sequence `x_1..x_T </s>`;
+/// the decoder input is that sequence shifted right behind `<s>`.
+#[derive(Debug)]
+pub struct Batch {
+    /// [B, T] `x_1..x_T </s> <pad>...`
+    pub targets: Tensor,
+    /// [B, T] `<s> x_1..x_T <pad>...`
+    pub inputs: Tensor,
+    /// [B] sequence lengths including `</s>`.
+    pub lengths: Tensor,
+    /// Real (non-pad) target tokens in the batch.
+    pub n_tokens: usize,
+}
+
+impl Batch {
+    pub fn new(seqs: &[&[i64]], device: Device) -> Batch {
+        let t = seqs.iter().map(|s| s.len() + 1).max().unwrap_or(1);
+        let b = seqs.len();
+        let mut targets = vec![PAD; b * t];
+        let mut inputs = vec![PAD; b * t];
+        let mut lengths = Vec::with_capacity(b);
+        for (i, s) in seqs.iter().enumerate() {
+            let row = i * t;
+            inputs[row] = BOS;
+            for (j, &id) in s.iter().enumerate() {
+                targets[row + j] = id;
+                inputs[row + j + 1] = id;
+            }
+            targets[row + s.len()] = EOS;
+            lengths.push((s.len() + 1) as i64);
+        }
+        let n_tokens = lengths.iter().sum::<i64>() as usize;
+        let shape = [b as i64, t as i64];
+        Batch {
+            targets: Tensor::from_slice(&targets).view(shape).to_device(device), // [B, T]
+            inputs: Tensor::from_slice(&inputs).view(shape).to_device(device),   // [B, T]
+            lengths: Tensor::from_slice(&lengths)
+                .to_kind(Kind::Int64)
+                .to_device(device),
+            n_tokens,
+        }
+    }
+
+    pub fn size(&self) -> i64 {
+        self.targets.size()[0]
+    }
+}
+
+/// Batches of indices into `lengths`, grouped by length so that little is padding, in a random
+/// order. Ties in length are broken at random, so batches differ from epoch to epoch.
+pub fn bucket_batches<R: Rng>(
+    lengths: &[usize],
+    batch_size: usize,
+    rng: &mut R,
+) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.shuffle(rng);
+    order.sort_by_key(|&i| lengths[i]); // stable: shuffled order survives within a length
+    let mut batches: Vec<Vec<usize>> = order
+        .chunks(batch_size.max(1))
+        .map(|c| c.to_vec())
+        .collect();
+    batches.shuffle(rng);
+    batches
+}
+
+/// Share of padding positions over all positions of the given batches.
+pub fn padding_share(lengths: &[usize], batches: &[Vec<usize>]) -> f64 {
+    let (mut real, mut total) = (0usize, 0usize);
+    for batch in batches {
+        let longest = batch.iter().map(|&i| lengths[i] + 1).max().unwrap_or(0);
+        real += batch.iter().map(|&i| lengths[i] + 1).sum::<usize>();
+        total += longest * batch.len();
+    }
+    if total == 0 {
+        0.0
+    } else {
+        1.0 - real as f64 / total as f64
+    }
+}
+
+/// Batches in corpus order (evaluation): same-length grouping is not needed for correctness,
+/// but sorting by length keeps padding down; results are returned in the original order by the
+/// caller through the index lists.
+pub fn sorted_batches(lengths: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| lengths[i]);
+    order
+        .chunks(batch_size.max(1))
+        .map(|c| c.to_vec())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_skips_blank_lines_and_names_bad_utf8() {
+        let c = parse_corpus(b"a b\n\n  \nc d\n").unwrap();
+        assert_eq!(c.lines, vec!["a b", "c d"]);
+        assert_eq!(c.line_numbers, vec![1, 4]);
+        assert_eq!(c.blank_skipped, 2);
+        let err = parse_corpus(b"ok\nstill ok\nbad \xff byte\n").unwrap_err();
+        assert!(err.to_string().contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn bucketing_yields_every_sentence_exactly_once() {
+        let mut rng = crate::seeded_rng(7);
+        let lengths: Vec<usize> = (0..1003).map(|i| 1 + (i * 37) % 41).collect();
+        for _epoch in 0..3 {
+            let batches = bucket_batches(&lengths, 32, &mut rng);
+            let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
+            seen.sort();
+            assert_eq!(seen, (0..1003).collect::<Vec<_>>());
+            assert!(batches.iter().all(|b| !b.is_empty() && b.len() <= 32));
+            assert!(padding_share(&lengths, &batches) < 0.05);
+        }
+    }
+
+    #[test]
+    fn batch_layout_shifts_inputs_behind_bos() {
+        let a: &[i64] = &[10, 11, 12];
+        let b: &[i64] = &[20];
+        let batch = Batch::new(&[a, b], Device::Cpu);
+        let targets: Vec<i64> = Vec::try_from(batch.targets.view([-1])).unwrap();
+        let inputs: Vec<i64> = Vec::try_from(batch.inputs.view([-1])).unwrap();
+        assert_eq!(targets, vec![10, 11, 12, EOS, 20, EOS, PAD, PAD]);
+        assert_eq!(inputs, vec![BOS, 10, 11, 12, BOS, 20, PAD, PAD]);
+        assert_eq!(batch.n_tokens, 6);
+    }
+
+    #[test]
+    fn split_is_seeded_and_disjoint() {
+        let lines: Vec<String> = (0..2000).map(|i| format!("s{i}")).collect();
+        let (t1, v1) = split_valid(&lines, 0.05, 3);
+        let (t2, v2) = split_valid(&lines, 0.05, 3);
+        assert_eq!(v1, v2);
+        assert_eq!(t1, t2);
+        assert_eq!(t1.len() + v1.len(), 2000);
+        assert!((60..140).contains(&v1.len()), "{}", v1.len());
+        assert!(v1.iter().all(|v| !t1.contains(v)));
+    }
+}

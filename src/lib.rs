@@ -1,0 +1,26 @@
+//! textvae: a sentence variational autoencoder (Bowman et al. 2016) on libtorch through tch.
+//! A convolutional encoder gives q(z|x), an LSTM decoder p(x|z); KL annealing, word dropout and
+//! free bits keep the posterior from collapsing.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod loss;
+pub mod model;
+pub mod runtime;
+pub mod sample;
+pub mod tokenizer;
+pub mod train;
+
+use rand::SeedableRng;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The libtorch version found at build time (from the PyTorch install tch was built against).
+pub const LIBTORCH_VERSION: &str = env!("TEXTVAE_LIBTORCH_VERSION");
+
+/// The one RNG type used for data shuffling and splitting, so seeds mean the same everywhere.
+pub fn seeded_rng(seed: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(seed)
+}

@@ -1,0 +1,188 @@
+//! The objective and the counter-measures to posterior collapse: closed-form Gaussian KL, free
+//! bits (Kingma et al. 2016, per dimension as in Li et al. 2019), KL annealing schedules
+//! (linear, He et al. 2019; logistic, Bowman et al. 2016; cyclical, Fu et al. 2019) and word
+//! dropout (Bowman et al. 2016).
+
+use tch::{Kind, Tensor};
+
+use crate::config::KlSchedule;
+use crate::tokenizer::{PAD, UNK};
+
+/// KL(N(mu, exp(logvar)) || N(0, I)) per dimension: [B, Z].
+/// KL_d = 1/2 (mu_d^2 + exp(logvar_d) - 1 - logvar_d).
+pub fn kl_per_dim(mu: &Tensor, logvar: &Tensor) -> Tensor {
+    (mu.square() + logvar.exp() - 1.0 - logvar) * 0.5
+}
+
+/// The KL term the optimiser sees, for `kl` [B, Z]: sum_d max(lambda, mean_B KL_d). With
+/// lambda = 0 this is the batch mean of the sentence KL. Dimensions below lambda get no gradient,
+/// so the encoder can spend lambda nats per dimension for free.
+pub fn kl_term(kl: &Tensor, free_bits: f64) -> Tensor {
+    let per_dim = kl.mean_dim([0].as_slice(), false, Kind::Float); // [Z]
+    if free_bits > 0.0 {
+        per_dim.clamp_min(free_bits).sum(Kind::Float)
+    } else {
+        per_dim.sum(Kind::Float)
+    }
+}
+
+impl KlSchedule {
+    /// beta at optimisation step `step` (0-based).
+    pub fn beta(&self, step: u64) -> f64 {
+        match *self {
+            KlSchedule::Constant { beta } => beta,
+            KlSchedule::Linear { start, steps } => {
+                let frac = (step as f64 / steps as f64).min(1.0);
+                start + (1.0 - start) * frac
+            }
+            KlSchedule::Logistic { k, x0 } => 1.0 / (1.0 + (-k * (step as f64 - x0)).exp()),
+            KlSchedule::Cyclical {
+                period,
+                ratio,
+                start,
+            } => {
+                let pos = (step % period) as f64 / period as f64;
+                start + (1.0 - start) * (pos / ratio).min(1.0)
+            }
+        }
+    }
+}
+
+/// Word dropout on decoder inputs [B, T]: each real token after `<s>` becomes `<unk>` with
+/// probability `p`. `<s>` (column 0), padding and — since only inputs pass through here — the
+/// targets are never touched. Off when `train` is false.
+pub fn word_dropout(inputs: &Tensor, p: f64, train: bool) -> Tensor {
+    if !train || p <= 0.0 {
+        return inputs.shallow_clone();
+    }
+    let drop = Tensor::rand(inputs.size(), (Kind::Float, inputs.device()))
+        .lt(p)
+        .logical_and(&inputs.ne(PAD)); // [B, T]
+    let t = inputs.size()[1];
+    let not_first = Tensor::arange(t, (Kind::Int64, inputs.device()))
+        .gt(0)
+        .unsqueeze(0); // [1, T]
+    inputs.masked_fill(&drop.logical_and(&not_first), UNK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenizer::BOS;
+
+    fn f(t: &Tensor) -> f64 {
+        t.double_value(&[])
+    }
+
+    #[test]
+    fn closed_form_kl_matches_monte_carlo() {
+        tch::manual_seed(0);
+        let mu = Tensor::from_slice(&[0.5f32, -1.0, 0.0, 2.0]).view([1, 4]);
+        let logvar = Tensor::from_slice(&[0.0f32, -1.0, 0.7, -2.0]).view([1, 4]);
+        let closed = f(&kl_per_dim(&mu, &logvar).sum(Kind::Double));
+        // E_q[log q(z) - log p(z)] from 200k samples.
+        let n = 200_000;
+        let eps = Tensor::randn([n, 4], (Kind::Double, tch::Device::Cpu));
+        let mu = mu.to_kind(Kind::Double);
+        let logvar = logvar.to_kind(Kind::Double);
+        let z = &mu + (&logvar * 0.5).exp() * &eps;
+        let log_q = ((eps.square() + &logvar + (2.0 * std::f64::consts::PI).ln()) * -0.5)
+            .sum_dim_intlist([1].as_slice(), false, Kind::Double);
+        let log_p = ((z.square() + (2.0 * std::f64::consts::PI).ln()) * -0.5).sum_dim_intlist(
+            [1].as_slice(),
+            false,
+            Kind::Double,
+        );
+        let mc = f(&(log_q - log_p).mean(Kind::Double));
+        assert!((closed - mc).abs() < 0.02, "closed {closed} vs mc {mc}");
+        assert!(closed > 0.0);
+    }
+
+    #[test]
+    fn kl_is_zero_at_the_prior_and_free_bits_clamp_per_dimension() {
+        let zero = Tensor::zeros([3, 5], (Kind::Float, tch::Device::Cpu));
+        assert_eq!(f(&kl_per_dim(&zero, &zero).sum(Kind::Float)), 0.0);
+        // Batch of 2, dims with mean KL 0.1 and 2.0.
+        let kl = Tensor::from_slice(&[0.0f32, 1.0, 0.2, 3.0]).view([2, 2]);
+        assert!((f(&kl_term(&kl, 0.0)) - 2.1).abs() < 1e-6);
+        assert!((f(&kl_term(&kl, 0.5)) - 2.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn schedules_take_their_documented_values() {
+        let lin = KlSchedule::Linear {
+            start: 0.1,
+            steps: 100,
+        };
+        assert!((lin.beta(0) - 0.1).abs() < 1e-12);
+        assert!((lin.beta(50) - 0.55).abs() < 1e-12);
+        assert_eq!(lin.beta(100), 1.0);
+        assert_eq!(lin.beta(10_000), 1.0);
+
+        let log = KlSchedule::Logistic {
+            k: 0.0025,
+            x0: 2500.0,
+        };
+        assert!((log.beta(2500) - 0.5).abs() < 1e-12);
+        assert!(log.beta(0) < 0.002);
+        assert!(log.beta(10_000) > 0.99999);
+
+        let cyc = KlSchedule::Cyclical {
+            period: 100,
+            ratio: 0.5,
+            start: 0.0,
+        };
+        assert_eq!(cyc.beta(0), 0.0);
+        assert!((cyc.beta(25) - 0.5).abs() < 1e-12);
+        assert_eq!(cyc.beta(50), 1.0);
+        assert_eq!(cyc.beta(99), 1.0);
+        assert_eq!(cyc.beta(100), 0.0);
+        assert!((cyc.beta(125) - 0.5).abs() < 1e-12);
+
+        assert_eq!(KlSchedule::Constant { beta: 0.3 }.beta(777), 0.3);
+    }
+
+    #[test]
+    fn word_dropout_rate_and_what_it_never_touches() {
+        tch::manual_seed(1);
+        let (b, t) = (64i64, 50i64);
+        let mut rows = vec![];
+        for i in 0..b {
+            let len = 10 + i % 40; // real tokens incl. <s>
+            for j in 0..t {
+                rows.push(if j == 0 {
+                    BOS
+                } else if j < len {
+                    100 + j
+                } else {
+                    PAD
+                });
+            }
+        }
+        let inputs = Tensor::from_slice(&rows).view([b, t]);
+        let targets = inputs.copy();
+        let out = word_dropout(&inputs, 0.25, true);
+        // Targets are a separate tensor and stay as they were.
+        assert!(targets.equal(&inputs));
+        // <s> and padding are never replaced.
+        assert!(out.select(1, 0).eq(BOS).all().int64_value(&[]) == 1);
+        assert!(
+            out.eq(UNK)
+                .logical_and(&inputs.eq(PAD))
+                .sum(Kind::Int64)
+                .int64_value(&[])
+                == 0
+        );
+        // The rate among eligible tokens is about p.
+        let eligible = inputs
+            .ne(PAD)
+            .logical_and(&inputs.ne(BOS))
+            .sum(Kind::Float)
+            .double_value(&[]);
+        let dropped = out.eq(UNK).sum(Kind::Float).double_value(&[]);
+        let rate = dropped / eligible;
+        assert!((rate - 0.25).abs() < 0.03, "rate {rate}");
+        // Off in evaluation.
+        assert!(word_dropout(&inputs, 0.25, false).equal(&inputs));
+    }
+}

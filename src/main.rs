@@ -1,0 +1,14 @@
+//! The `textvae` binary: parses the command line and hands it to the library.
+
+use clap::Parser;
+
+fn main() {
+    let cli = textvae::cli::Cli::parse();
+    if let Err(err) = textvae::cli::run(cli) {
+        eprintln!("error: {err}");
+        for cause in err.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        std::process::exit(1);
+    }
+}

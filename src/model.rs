@@ -1,0 +1,339 @@
+//! The sentence VAE: a convolutional encoder for q(z|x) and an LSTM decoder for p(x|z).
+//!
+//! Encoder: embeddings -> wide 1-D convolutions of several widths (Kim 2014) -> masked
+//! max-over-time pooling (pooling over time helps against posterior collapse, Long et al. 2019)
+//! -> linear heads for `mu` and `logvar`. Decoder: an LSTM language model conditioned on z, both
+//! through its initial state h0 = tanh(W z) and through z concatenated to every input embedding
+//! (Bowman et al. 2016), so the decoder cannot forget z over a long sentence.
+
+use tch::nn::{self, Module, RNN};
+use tch::{Kind, Tensor};
+
+use crate::config::ModelConfig;
+use crate::tokenizer::PAD;
+
+pub struct Encoder {
+    emb: nn::Embedding,
+    convs: Vec<(i64, nn::Conv1D)>,
+    mu: nn::Linear,
+    logvar: nn::Linear,
+}
+
+impl Encoder {
+    pub fn new(p: nn::Path, cfg: &ModelConfig) -> Self {
+        let emb = nn::embedding(&p / "emb", cfg.vocab_size, cfg.emb_dim, Default::default());
+        let convs = cfg
+            .kernel_widths
+            .iter()
+            .map(|&k| {
+                // Wide convolution (padding k-1 on both sides): a sentence shorter than the
+                // kernel still gives features.
+                let conv_cfg = nn::ConvConfig {
+                    padding: k - 1,
+                    ..Default::default()
+                };
+                let conv = nn::conv1d(
+                    &p / format!("conv{k}"),
+                    cfg.emb_dim,
+                    cfg.conv_filters,
+                    k,
+                    conv_cfg,
+                );
+                (k, conv)
+            })
+            .collect();
+        let features = cfg.conv_filters * cfg.kernel_widths.len() as i64;
+        let mu = nn::linear(&p / "mu", features, cfg.latent_dim, Default::default());
+        let logvar = nn::linear(&p / "logvar", features, cfg.latent_dim, Default::default());
+        Self {
+            emb,
+            convs,
+            mu,
+            logvar,
+        }
+    }
+
+    /// `tokens` [B, T] (padded with `<pad>`), `lengths` [B] -> (`mu`, `logvar`), each [B, Z].
+    pub fn forward(&self, tokens: &Tensor, lengths: &Tensor) -> (Tensor, Tensor) {
+        let t = tokens.size()[1];
+        let real = tokens.ne(PAD).unsqueeze(-1).to_kind(Kind::Float); // [B, T, 1]
+                                                                      // Zeroed pad embeddings make the padded tail look like the zero padding of the wide
+                                                                      // convolution, so a sentence's features do not depend on its batch-mates' lengths.
+        let x = (self.emb.forward(tokens) * real).transpose(1, 2); // [B, E, T]
+        let pooled: Vec<Tensor> = self
+            .convs
+            .iter()
+            .map(|(k, conv)| {
+                let h = conv.forward(&x).relu(); // [B, F, T + k - 1]
+                let positions = Tensor::arange(t + k - 1, (Kind::Int64, tokens.device()));
+                // Output position j covers inputs j-k+1..=j: valid while it touches a real token.
+                let valid = positions
+                    .unsqueeze(0)
+                    .lt_tensor(&(lengths.unsqueeze(1) + (k - 1))); // [B, T+k-1]
+                h.masked_fill(&valid.logical_not().unsqueeze(1), f64::NEG_INFINITY)
+                    .amax([2].as_slice(), false) // [B, F]
+            })
+            .collect();
+        let features = Tensor::cat(&pooled, 1); // [B, F * widths]
+        (self.mu.forward(&features), self.logvar.forward(&features))
+    }
+}
+
+pub struct Decoder {
+    emb: nn::Embedding,
+    init: nn::Linear,
+    lstm: nn::LSTM,
+    out: nn::Linear,
+    num_layers: i64,
+    hidden_dim: i64,
+    emb_dropout: f64,
+    out_dropout: f64,
+}
+
+impl Decoder {
+    pub fn new(p: nn::Path, cfg: &ModelConfig) -> Self {
+        let emb = nn::embedding(&p / "emb", cfg.vocab_size, cfg.emb_dim, Default::default());
+        let init = nn::linear(
+            &p / "init",
+            cfg.latent_dim,
+            2 * cfg.num_layers * cfg.hidden_dim,
+            Default::default(),
+        );
+        // Dropout inside the LSTM stays 0: tch fixes it at build time and would keep it on
+        // while generating. Dropout is applied explicitly with the `train` flag instead.
+        let rnn_cfg = nn::RNNConfig {
+            num_layers: cfg.num_layers,
+            batch_first: true,
+            ..Default::default()
+        };
+        let lstm = nn::lstm(
+            &p / "lstm",
+            cfg.emb_dim + cfg.latent_dim,
+            cfg.hidden_dim,
+            rnn_cfg,
+        );
+        let out = nn::linear(
+            &p / "out",
+            cfg.hidden_dim,
+            cfg.vocab_size,
+            Default::default(),
+        );
+        Self {
+            emb,
+            init,
+            lstm,
+            out,
+            num_layers: cfg.num_layers,
+            hidden_dim: cfg.hidden_dim,
+            emb_dropout: cfg.emb_dropout,
+            out_dropout: cfg.out_dropout,
+        }
+    }
+
+    /// (h0, c0), each [L, B, H], from z [B, Z].
+    pub fn init_state(&self, z: &Tensor) -> nn::LSTMState {
+        let b = z.size()[0];
+        let hc = self
+            .init
+            .forward(z)
+            .tanh()
+            .view([b, 2 * self.num_layers, self.hidden_dim]) // [B, 2L, H]
+            .transpose(0, 1)
+            .contiguous(); // [2L, B, H]
+        let mut parts = hc.chunk(2, 0);
+        let c = parts.pop().unwrap_or_else(|| Tensor::zeros_like(&hc));
+        let h = parts.pop().unwrap_or_else(|| Tensor::zeros_like(&hc));
+        nn::LSTMState((h, c))
+    }
+
+    fn embed_with_z(&self, tokens: &Tensor, z: &Tensor, train: bool) -> Tensor {
+        let e = self.emb.forward(tokens).dropout(self.emb_dropout, train); // [B, T, E]
+        let t = tokens.size()[1];
+        let zt = z.unsqueeze(1).expand([-1, t, -1], false); // [B, T, Z]
+        Tensor::cat(&[e, zt], 2) // [B, T, E + Z]
+    }
+
+    /// Hidden states for decoder `inputs` [B, T] given z [B, Z]: [B, T, H].
+    pub fn hidden(&self, inputs: &Tensor, z: &Tensor, train: bool) -> Tensor {
+        let x = self.embed_with_z(inputs, z, train);
+        let (out, _) = self.lstm.seq_init(&x, &self.init_state(z));
+        out.dropout(self.out_dropout, train)
+    }
+
+    /// Vocabulary logits from hidden states [..., H] -> [..., V].
+    pub fn project(&self, hidden: &Tensor) -> Tensor {
+        self.out.forward(hidden)
+    }
+
+    /// One generation step: `tokens` [B] -> (logits [B, V], next state).
+    pub fn step(
+        &self,
+        tokens: &Tensor,
+        z: &Tensor,
+        state: &nn::LSTMState,
+    ) -> (Tensor, nn::LSTMState) {
+        let x = self.embed_with_z(&tokens.unsqueeze(1), z, false); // [B, 1, E + Z]
+        let (out, state) = self.lstm.seq_init(&x, state); // [B, 1, H]
+        (self.project(&out.squeeze_dim(1)), state)
+    }
+}
+
+/// Per-sentence summed negative log-likelihood of `targets` [B, T] given decoder hidden states
+/// [B, T, H]: [B]. Only real tokens are projected onto the vocabulary, so padding costs nothing
+/// (the output softmax is most of the model's compute) and contributes nothing to the loss.
+pub fn reconstruction_nll(decoder: &Decoder, hidden: &Tensor, targets: &Tensor) -> Tensor {
+    let (b, t) = (targets.size()[0], targets.size()[1]);
+    let h_dim = hidden.size()[2];
+    let flat_targets = targets.reshape([-1]); // [B*T]
+    let idx = flat_targets.ne(PAD).nonzero().squeeze_dim(1); // [N]
+    let h = hidden.reshape([-1, h_dim]).index_select(0, &idx); // [N, H]
+    let logits = decoder.project(&h); // [N, V]
+    let nll = logits.cross_entropy_loss::<Tensor>(
+        &flat_targets.index_select(0, &idx),
+        None,
+        tch::Reduction::None,
+        -100,
+        0.0,
+    ); // [N]
+    let sentence = idx.divide_scalar_mode(t, "floor"); // [N]
+    Tensor::zeros([b], (nll.kind(), nll.device())).index_add(0, &sentence, &nll)
+}
+
+pub struct Vae {
+    pub encoder: Encoder,
+    pub decoder: Decoder,
+    pub latent_dim: i64,
+}
+
+/// What one forward pass gives the loss.
+pub struct VaeOutput {
+    /// [B] summed token NLL per sentence.
+    pub rec: Tensor,
+    /// [B, Z] posterior parameters.
+    pub mu: Tensor,
+    pub logvar: Tensor,
+}
+
+impl Vae {
+    pub fn new(p: nn::Path, cfg: &ModelConfig) -> Self {
+        Self {
+            encoder: Encoder::new(&p / "encoder", cfg),
+            decoder: Decoder::new(&p / "decoder", cfg),
+            latent_dim: cfg.latent_dim,
+        }
+    }
+
+    /// z = mu + exp(logvar / 2) * eps: the reparameterisation trick (Kingma & Welling 2014).
+    pub fn reparameterize(mu: &Tensor, logvar: &Tensor) -> Tensor {
+        mu + (logvar * 0.5).exp() * mu.randn_like()
+    }
+
+    /// Encodes `targets`, samples z (or takes `mu` when `sample` is false) and scores the
+    /// reconstruction of `targets` from decoder `inputs` (which may have had word dropout).
+    pub fn forward(
+        &self,
+        targets: &Tensor,
+        lengths: &Tensor,
+        inputs: &Tensor,
+        train: bool,
+        sample: bool,
+    ) -> VaeOutput {
+        let (mu, logvar) = self.encoder.forward(targets, lengths);
+        let z = if sample {
+            Self::reparameterize(&mu, &logvar)
+        } else {
+            mu.shallow_clone()
+        };
+        let hidden = self.decoder.hidden(inputs, &z, train);
+        let rec = reconstruction_nll(&self.decoder, &hidden, targets);
+        VaeOutput { rec, mu, logvar }
+    }
+
+    /// Full logits [B, T, V] of the decoder for given z: used to compare models exactly.
+    pub fn logits(&self, inputs: &Tensor, z: &Tensor) -> Tensor {
+        self.decoder.project(&self.decoder.hidden(inputs, z, false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Batch;
+    use tch::Device;
+
+    fn tiny() -> ModelConfig {
+        ModelConfig {
+            vocab_size: 30,
+            emb_dim: 8,
+            kernel_widths: vec![2, 3],
+            conv_filters: 4,
+            latent_dim: 4,
+            hidden_dim: 16,
+            num_layers: 2,
+            emb_dropout: 0.5,
+            out_dropout: 0.5,
+        }
+    }
+
+    #[test]
+    fn padded_batch_loss_equals_sum_of_single_sentence_losses() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let vae = Vae::new(vs.root(), &tiny());
+        let seqs: Vec<Vec<i64>> = vec![
+            vec![5, 6, 7, 8, 9, 10, 11],
+            vec![12],
+            vec![13, 14, 15],
+            vec![7, 7],
+        ];
+        let rows: Vec<&[i64]> = seqs.iter().map(Vec::as_slice).collect();
+        let batch = Batch::new(&rows, Device::Cpu);
+        // z = mu and dropout off: everything is deterministic.
+        let together = vae.forward(&batch.targets, &batch.lengths, &batch.inputs, false, false);
+        let mut alone_sum = 0.0;
+        for (i, s) in rows.iter().enumerate() {
+            let single = Batch::new(&[*s], Device::Cpu);
+            let out = vae.forward(
+                &single.targets,
+                &single.lengths,
+                &single.inputs,
+                false,
+                false,
+            );
+            let a = out.rec.double_value(&[0]);
+            let t = together.rec.double_value(&[i as i64]);
+            assert!(
+                (a - t).abs() < 1e-4,
+                "sentence {i}: alone {a} vs in batch {t}"
+            );
+            assert!(out
+                .mu
+                .allclose(&together.mu.narrow(0, i as i64, 1), 1e-5, 1e-6, false));
+            alone_sum += a;
+        }
+        let batch_sum = together.rec.sum(Kind::Double).double_value(&[]);
+        assert!(
+            (batch_sum - alone_sum).abs() < 1e-3,
+            "{batch_sum} vs {alone_sum}"
+        );
+    }
+
+    #[test]
+    fn generation_step_matches_the_full_sequence_pass() {
+        tch::manual_seed(1);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let vae = Vae::new(vs.root(), &tiny());
+        let inputs = Tensor::from_slice(&[1i64, 5, 6, 7]).view([1, 4]);
+        let z = Tensor::randn([1, 4], (Kind::Float, Device::Cpu));
+        let full = vae.logits(&inputs, &z); // [1, 4, V]
+        let mut state = vae.decoder.init_state(&z);
+        for t in 0..4 {
+            let (logits, next) = vae.decoder.step(&inputs.select(1, t), &z, &state);
+            state = next;
+            assert!(
+                logits.allclose(&full.select(1, t), 1e-5, 1e-5, false),
+                "step {t}"
+            );
+        }
+    }
+}

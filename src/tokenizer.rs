@@ -1,0 +1,274 @@
+//! Tokenizers, trained with the `tokenizers` crate on the training corpus and saved as
+//! `tokenizer.json` inside every checkpoint.
+//!
+//! Two kinds: `word` (whitespace words, the N most frequent, the rest `<unk>`: the setting of the
+//! PTB literature, Bowman et al. 2016) and `bpe` (byte-level BPE as in GPT-2: no `<unk>` ever, so
+//! punctuation, accents and Chinese without spaces all survive, and decoding restores the text).
+//! The four special tokens always take ids 0..=3 in this order.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::wordlevel::{WordLevel, WordLevelTrainer};
+use tokenizers::models::{ModelWrapper, TrainerWrapper};
+use tokenizers::normalizers::unicode::NFC;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
+use tokenizers::{AddedToken, Tokenizer};
+
+pub const PAD: i64 = 0;
+pub const BOS: i64 = 1;
+pub const EOS: i64 = 2;
+pub const UNK: i64 = 3;
+pub const SPECIALS: [&str; 4] = ["<pad>", "<s>", "</s>", "<unk>"];
+
+/// Default vocabulary sizes: BPE 8000 (enough merges for whole common words on a book-sized
+/// corpus); word level large enough to keep every type of PTB's 10k vocabulary.
+pub const DEFAULT_BPE_VOCAB: usize = 8000;
+pub const DEFAULT_WORD_VOCAB: usize = 20000;
+
+/// Which tokenizer a training run uses.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TokenizerSpec {
+    Word,
+    Bpe,
+    File(std::path::PathBuf),
+}
+
+impl std::str::FromStr for TokenizerSpec {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "word" => Ok(TokenizerSpec::Word),
+            "bpe" => Ok(TokenizerSpec::Bpe),
+            f if f.ends_with(".json") => Ok(TokenizerSpec::File(f.into())),
+            other => {
+                bail!("--tokenizer must be `word`, `bpe` or a tokenizer .json file, got `{other}`")
+            }
+        }
+    }
+}
+
+pub struct TextTokenizer {
+    inner: Tokenizer,
+}
+
+fn special_tokens() -> Vec<AddedToken> {
+    SPECIALS
+        .iter()
+        .map(|s| AddedToken::from(s.to_string(), true))
+        .collect()
+}
+
+impl TextTokenizer {
+    /// Trains a tokenizer of the given kind (`Word` or `Bpe`) on `lines`.
+    pub fn train(
+        spec: &TokenizerSpec,
+        lines: &[String],
+        vocab_size: Option<usize>,
+    ) -> Result<Self> {
+        match spec {
+            TokenizerSpec::Word => {
+                Self::train_word(lines, vocab_size.unwrap_or(DEFAULT_WORD_VOCAB))
+            }
+            TokenizerSpec::Bpe => Self::train_bpe(lines, vocab_size.unwrap_or(DEFAULT_BPE_VOCAB)),
+            TokenizerSpec::File(path) => Self::load(path),
+        }
+    }
+
+    pub fn train_word(lines: &[String], vocab_size: usize) -> Result<Self> {
+        ensure!(
+            vocab_size > SPECIALS.len(),
+            "--vocab-size must exceed 4, got {vocab_size}"
+        );
+        let model = WordLevel::builder()
+            .unk_token(SPECIALS[UNK as usize].to_string())
+            .build()
+            .map_err(|e| anyhow!("building the word-level model: {e}"))?;
+        let mut inner = Tokenizer::new(model);
+        inner.with_pre_tokenizer(Some(WhitespaceSplit));
+        // Registered before training so that a literal `<unk>` in the corpus (PTB has many) is
+        // read as the special token, not counted as a word that would take another id.
+        inner.add_special_tokens(&special_tokens());
+        let mut trainer: TrainerWrapper = WordLevelTrainer::builder()
+            .vocab_size(vocab_size)
+            .min_frequency(0)
+            .show_progress(false)
+            .special_tokens(special_tokens())
+            .build()
+            .map_err(|e| anyhow!("building the word-level trainer: {e}"))?
+            .into();
+        inner
+            .train(&mut trainer, lines.iter())
+            .map_err(|e| anyhow!("training the word-level tokenizer: {e}"))?;
+        Self::checked(inner)
+    }
+
+    pub fn train_bpe(lines: &[String], vocab_size: usize) -> Result<Self> {
+        ensure!(
+            vocab_size > 256 + SPECIALS.len(),
+            "--vocab-size for bpe must exceed 260 (the byte alphabet), got {vocab_size}"
+        );
+        let mut inner = Tokenizer::new(BPE::default());
+        inner.with_normalizer(Some(NFC));
+        inner.with_pre_tokenizer(Some(ByteLevel::default()));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        inner.add_special_tokens(&special_tokens());
+        let alphabet: HashSet<char> = ByteLevel::alphabet().into_iter().collect();
+        let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .special_tokens(special_tokens())
+            .initial_alphabet(alphabet)
+            .build()
+            .into();
+        inner
+            .train(&mut trainer, lines.iter())
+            .map_err(|e| anyhow!("training the BPE tokenizer: {e}"))?;
+        Self::checked(inner)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        ensure!(
+            path.is_file(),
+            "tokenizer file {} does not exist",
+            path.display()
+        );
+        let inner = Tokenizer::from_file(path)
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("reading tokenizer {}", path.display()))?;
+        Self::checked(inner).with_context(|| format!("tokenizer {}", path.display()))
+    }
+
+    /// Every tokenizer textvae uses must put the special tokens at ids 0..=3: the model relies on it.
+    fn checked(inner: Tokenizer) -> Result<Self> {
+        for (id, name) in SPECIALS.iter().enumerate() {
+            match inner.token_to_id(name) {
+                Some(got) if got as usize == id => {}
+                Some(got) => bail!("special token {name} has id {got}, textvae needs {id}"),
+                None => bail!("special token {name} is missing: not a textvae tokenizer"),
+            }
+        }
+        Ok(Self { inner })
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = self
+            .inner
+            .to_string(true)
+            .map_err(|e| anyhow!("serialising tokenizer: {e}"))?;
+        crate::checkpoint::write_atomic(path, json.as_bytes())
+    }
+
+    /// `word` or `bpe`, read off the model type so it is right for loaded files too.
+    pub fn kind(&self) -> &'static str {
+        match self.inner.get_model() {
+            ModelWrapper::WordLevel(_) => "word",
+            ModelWrapper::BPE(_) => "bpe",
+            _ => "other",
+        }
+    }
+
+    pub fn vocab_size(&self) -> i64 {
+        self.inner.get_vocab_size(true) as i64
+    }
+
+    /// Token ids of `text`, without `<s>`/`</s>`.
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    /// Text of a generated sequence: stops at the first `</s>`, drops `<pad>` and `<s>`, keeps
+    /// `<unk>` visible (PTB writes it literally).
+    pub fn decode(&self, ids: &[i64]) -> Result<String> {
+        let ids: Vec<u32> = ids
+            .iter()
+            .take_while(|&&i| i != EOS)
+            .filter(|&&i| i != PAD && i != BOS)
+            .map(|&i| i as u32)
+            .collect();
+        let text = self
+            .inner
+            .decode(&ids, false)
+            .map_err(|e| anyhow!("decoding ids: {e}"))?;
+        // One sentence is one line: a byte-level model can emit newline or other control
+        // bytes, which must not split the output.
+        Ok(text
+            .split(|c: char| c.is_whitespace() || c.is_control())
+            .filter(|w| !w.is_empty())
+            .collect::<Vec<_>>()
+            .join(" "))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<i64> {
+        self.inner.token_to_id(token).map(|i| i as i64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn word_level_keeps_specials_first_and_maps_rare_to_unk() {
+        let corpus = lines(&["the cat sat", "the dog sat", "the cat ran"]);
+        let tok = TextTokenizer::train_word(&corpus, 6).unwrap();
+        assert_eq!(tok.vocab_size(), 6);
+        assert_eq!(tok.token_to_id("<unk>"), Some(UNK));
+        let ids = tok.encode("the cat flew").unwrap();
+        assert_eq!(ids.len(), 3);
+        assert_eq!(ids[2], UNK);
+        assert_eq!(tok.decode(&ids).unwrap(), "the cat <unk>");
+        assert_eq!(tok.kind(), "word");
+    }
+
+    #[test]
+    fn bpe_round_trips_punctuation_and_chinese() {
+        let corpus = lines(&[
+            "Call me Ishmael.",
+            "Some years ago—never mind how long precisely—having little or no money.",
+            "我们今天去公园吧。",
+            "他说：“你好！”",
+        ]);
+        let tok = TextTokenizer::train_bpe(&corpus, 300).unwrap();
+        for s in [
+            "Call me Ishmael.",
+            "我们去公园。",
+            "Hello, world! “quoted” — dash",
+        ] {
+            let ids = tok.encode(s).unwrap();
+            assert!(!ids.contains(&UNK), "byte-level BPE never needs <unk>");
+            let mut with_eos = ids.clone();
+            with_eos.push(EOS);
+            with_eos.push(PAD);
+            assert_eq!(tok.decode(&with_eos).unwrap(), s);
+        }
+        assert_eq!(tok.kind(), "bpe");
+    }
+
+    #[test]
+    fn spec_parsing() {
+        assert_eq!(
+            "word".parse::<TokenizerSpec>().unwrap(),
+            TokenizerSpec::Word
+        );
+        assert_eq!("bpe".parse::<TokenizerSpec>().unwrap(), TokenizerSpec::Bpe);
+        assert!(matches!(
+            "v.json".parse::<TokenizerSpec>().unwrap(),
+            TokenizerSpec::File(_)
+        ));
+        assert!("chars".parse::<TokenizerSpec>().is_err());
+    }
+}

@@ -1,0 +1,142 @@
+//! Behaviour of the model through the library: overfitting a tiny corpus, and save -> load
+//! giving identical outputs.
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+
+use tch::{nn, Device, Kind, Tensor};
+use textvae::checkpoint::{self, CheckpointConfig};
+use textvae::config::{KlSchedule, ModelConfig, TrainConfig};
+use textvae::data::{self, Batch};
+use textvae::eval::evaluate_elbo;
+use textvae::model::Vae;
+use textvae::tokenizer::{TextTokenizer, TokenizerSpec};
+use textvae::train::{self, TrainRequest};
+
+fn tiny_model() -> ModelConfig {
+    ModelConfig {
+        emb_dim: 32,
+        hidden_dim: 64,
+        latent_dim: 8,
+        conv_filters: 32,
+        emb_dropout: 0.0,
+        out_dropout: 0.0,
+        ..Default::default()
+    }
+}
+
+/// A tiny model memorises the 20 sentences of the tiny corpus. The bound: a decoder that ignored
+/// z could at best learn the 20 sentences as a language model and would still pay ln 20 = 3.0
+/// nats per sentence to pick which one (uniform guessing over the ~150-word vocabulary costs ~45).
+/// Reconstruction below 1.5 nats per sentence means the model overfits *and* z carries the
+/// sentence's identity.
+#[test]
+fn tiny_model_overfits_twenty_sentences() {
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = common::tiny_corpus();
+    let req = TrainRequest {
+        corpus: corpus.clone(),
+        valid: Some(corpus.clone()),
+        out: Some(dir.path().join("ckpt")),
+        tokenizer: TokenizerSpec::Word,
+        vocab_size: None,
+        model: tiny_model(),
+        train: TrainConfig {
+            batch_size: 4,
+            epochs: 100,
+            lr_patience: 1000,
+            lr: 3e-3,
+            word_dropout: 0.0,
+            kl_schedule: KlSchedule::Constant { beta: 0.2 },
+            seed: 11,
+            log_every: 1000,
+            ..Default::default()
+        },
+        device: Device::Cpu,
+        resume: false,
+        force: false,
+    };
+    let summary = train::run(&req, &AtomicBool::new(false)).unwrap();
+    // Score the final weights on the corpus itself.
+    let model =
+        checkpoint::load_weights(&summary.dir, checkpoint::LAST_WEIGHTS, Device::Cpu).unwrap();
+    let lines = data::read_corpus(&corpus).unwrap().lines;
+    let enc = data::encode_lines(&model.tokenizer, &lines, 64).unwrap();
+    tch::manual_seed(0);
+    let stats = evaluate_elbo(&model.vae, &enc.seqs, 32, Device::Cpu);
+    eprintln!("overfit: {stats:?}");
+    assert_eq!(stats.sentences, 20);
+    assert!(
+        stats.rec < 1.5,
+        "reconstruction {:.3} nats/sentence did not fall below 1.5",
+        stats.rec
+    );
+    assert!(
+        stats.kl > (20f64).ln(),
+        "z must carry at least the sentence identity: kl {:.2}",
+        stats.kl
+    );
+}
+
+#[test]
+fn save_then_load_gives_identical_logits() {
+    tch::manual_seed(5);
+    let dir = tempfile::tempdir().unwrap();
+    let lines = data::read_corpus(&common::tiny_corpus()).unwrap().lines;
+    let tok = TextTokenizer::train_word(&lines, 1000).unwrap();
+    let mut cfg = tiny_model();
+    cfg.vocab_size = tok.vocab_size();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vae = Vae::new(vs.root(), &cfg);
+    let config = CheckpointConfig {
+        textvae_version: textvae::VERSION.into(),
+        libtorch_version: textvae::LIBTORCH_VERSION.into(),
+        tokenizer: tok.kind().into(),
+        corpus: "tiny".into(),
+        model: cfg.clone(),
+        train: TrainConfig::default(),
+    };
+    checkpoint::write_json(&dir.path().join(checkpoint::CONFIG), &config).unwrap();
+    tok.save(&dir.path().join(checkpoint::TOKENIZER)).unwrap();
+    checkpoint::save_weights(&vs, &dir.path().join(checkpoint::WEIGHTS)).unwrap();
+
+    let loaded = checkpoint::load(dir.path(), Device::Cpu).unwrap();
+    assert_eq!(loaded.config.model, cfg);
+    let enc = data::encode_lines(&loaded.tokenizer, &lines[..5], 64).unwrap();
+    let rows: Vec<&[i64]> = enc.seqs.iter().map(Vec::as_slice).collect();
+    let batch = Batch::new(&rows, Device::Cpu);
+    let (mu_a, logvar_a) = vae.encoder.forward(&batch.targets, &batch.lengths);
+    let (mu_b, logvar_b) = loaded.vae.encoder.forward(&batch.targets, &batch.lengths);
+    assert!(mu_a.equal(&mu_b) && logvar_a.equal(&logvar_b));
+    let z = Tensor::randn([5, cfg.latent_dim], (Kind::Float, Device::Cpu));
+    let a = vae.logits(&batch.inputs, &z);
+    let b = loaded.vae.logits(&batch.inputs, &z);
+    assert!(a.equal(&b), "logits differ after save/load");
+}
+
+/// On PTB (read from ../shared, never committed) the word tokenizer keeps every word type of the
+/// training file.
+#[test]
+fn word_tokenizer_covers_every_ptb_training_word() {
+    let ptb = common::repo_path("../shared/corpora/ptb/ptb.train.txt");
+    if !ptb.exists() {
+        eprintln!("skipping: {} not present", ptb.display());
+        return;
+    }
+    let lines = data::read_corpus(&ptb).unwrap().lines;
+    let tok = TextTokenizer::train(&TokenizerSpec::Word, &lines, None).unwrap();
+    let mut types = std::collections::HashSet::new();
+    for l in &lines {
+        types.extend(l.split_whitespace());
+    }
+    for w in &types {
+        assert!(
+            tok.token_to_id(w).is_some(),
+            "PTB word {w:?} missing from the vocabulary"
+        );
+    }
+    // PTB's own <unk> is our special token; everything else adds one entry each.
+    assert_eq!(tok.vocab_size() as usize, types.len() + 3);
+}
