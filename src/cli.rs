@@ -2,8 +2,8 @@
 //! that tune the model or training are `Option`s laid over the config structs' defaults, so the
 //! defaults live in one place (`config.rs`).
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -12,10 +12,15 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::checkpoint;
 use crate::config::{KlSchedule, ModelConfig, TrainConfig};
+use crate::data::{self, Corpus};
+use crate::latent::{self, Method};
+use crate::model::Vae;
 use crate::runtime;
 use crate::sample::{self, GenerateOptions, Strategy};
 use crate::tokenizer::{TextTokenizer, TokenizerSpec};
 use crate::train::{self, StopReason, TrainRequest};
+use serde_json::json;
+use tch::{Device, Tensor};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -34,6 +39,12 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// Sample sentences from the prior of a trained model.
     Generate(GenerateArgs),
+    /// Encode sentences and decode them again, to see what z keeps.
+    Reconstruct(ReconstructArgs),
+    /// Decode the path between two sentences' latent codes.
+    Interpolate(InterpolateArgs),
+    /// Write each sentence's posterior mean and log-variance, for use elsewhere.
+    Encode(EncodeArgs),
     /// Build a tokenizer alone and save it as JSON.
     Vocab(VocabArgs),
     /// Print versions, CUDA availability, the device `auto` picks and the thread count.
@@ -133,6 +144,9 @@ pub struct TrainArgs {
     pub emb_dropout: Option<f64>,
     #[arg(long)]
     pub out_dropout: Option<f64>,
+    /// Epochs without validation improvement before the learning rate is halved.
+    #[arg(long)]
+    pub lr_patience: Option<usize>,
     /// Steps per log line and metrics record.
     #[arg(long)]
     pub log_every: Option<u64>,
@@ -177,6 +191,7 @@ impl TrainArgs {
         set(&mut t.word_dropout, self.word_dropout);
         set(&mut t.free_bits, self.free_bits);
         set(&mut t.log_every, self.log_every);
+        set(&mut t.lr_patience, self.lr_patience);
         t.kl_schedule = self.kl_schedule(t.kl_schedule);
         t
     }
@@ -214,30 +229,167 @@ impl TrainArgs {
     }
 }
 
+/// Which model to load and how to run it: shared by every command that reads a checkpoint.
 #[derive(clap::Args, Debug)]
-pub struct GenerateArgs {
+pub struct ModelArgs {
     /// Checkpoint directory [default: the latest trained model].
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
-    /// Number of sentences.
-    #[arg(short = 'n', long = "num", default_value_t = 10)]
-    pub n: usize,
-    /// Sampling temperature; 0 = argmax.
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    pub temperature: f64,
-    /// Seed for reproducible samples [default: random].
+    /// Seed for reproducible output [default: random].
     #[arg(long)]
     pub seed: Option<u64>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// libtorch threads [default: one per core].
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    /// Seeds, sets threads, and loads the checkpoint on the chosen device.
+    pub fn load(&self) -> Result<(checkpoint::Loaded, Device)> {
+        let device = runtime::parse_device(&self.device)?;
+        runtime::setup(Some(self.seed.unwrap_or_else(rand::random)), self.threads)?;
+        let dir = checkpoint::resolve(self.checkpoint.as_deref())?;
+        Ok((checkpoint::load(&dir, device)?, device))
+    }
+}
+
+/// How sentences are decoded from z: shared by generate, reconstruct and interpolate.
+#[derive(clap::Args, Debug)]
+pub struct DecodeArgs {
+    /// Sampling temperature; 0 = argmax [default: 1 for generate; reconstruct and interpolate
+    /// decode greedily unless a sampling flag is given].
+    #[arg(long, allow_negative_numbers = true)]
+    pub temperature: Option<f64>,
+    /// Sample only among the K most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probability adds up to P (nucleus).
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f64>,
+    /// Always take the most likely token.
+    #[arg(long)]
+    pub greedy: bool,
+    /// Beam search with K beams (log-probability per token decides).
+    #[arg(long)]
+    pub beam: Option<usize>,
     /// Maximum tokens per sentence [default: the model's training --max-len].
     #[arg(long)]
     pub max_len: Option<usize>,
     /// Sentences decoded at once.
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+}
+
+impl DecodeArgs {
+    /// The strategy asked for; with no sampling flag, `sample_by_default` picks temperature 1
+    /// sampling (generate) over greedy decoding (reconstruct, interpolate).
+    pub fn strategy(&self, sample_by_default: bool) -> Result<Strategy> {
+        let sampling_asked =
+            self.temperature.is_some() || self.top_k.is_some() || self.top_p.is_some();
+        let greedy = self.greedy || (!sample_by_default && !sampling_asked && self.beam.is_none());
+        Strategy::from_flags(
+            self.temperature.unwrap_or(1.0),
+            self.top_k,
+            self.top_p,
+            greedy,
+            self.beam,
+        )
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(self.batch_size > 0, "--batch-size must be positive");
+        anyhow::ensure!(self.max_len != Some(0), "--max-len must be positive");
+        Ok(())
+    }
+
+    pub fn max_len(&self, model: &checkpoint::Loaded) -> usize {
+        self.max_len.unwrap_or(model.config.train.max_len)
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// Number of sentences.
+    #[arg(short = 'n', long = "num", default_value_t = 10)]
+    pub n: usize,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub decode: DecodeArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReconstructArgs {
+    /// Sentences, one per line; `-` or nothing reads standard input.
+    pub input: Option<PathBuf>,
+    /// Draw z from q(z|x) instead of taking its mean.
     #[arg(long)]
-    pub threads: Option<usize>,
+    pub sample: bool,
+    /// Reconstructions per input sentence.
+    #[arg(long, default_value_t = 1)]
+    pub num: usize,
+    /// JSON lines instead of `input<TAB>reconstruction`.
+    #[arg(long)]
+    pub json: bool,
+    /// Report token accuracy and exact-match rate against the inputs (on stderr).
+    #[arg(long)]
+    pub score: bool,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub decode: DecodeArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InterpolateArgs {
+    /// The sentence to start from.
+    #[arg(required_unless_present_any = ["prior", "pairs"])]
+    pub a: Option<String>,
+    /// The sentence to end at.
+    #[arg(required_unless_present_any = ["prior", "pairs"])]
+    pub b: Option<String>,
+    /// Points between the two ends (steps + 2 lines are printed).
+    #[arg(long, default_value_t = 8)]
+    pub steps: usize,
+    #[arg(long, value_enum, default_value = "lerp")]
+    pub method: Method,
+    /// Walk between two random samples of the prior instead of two sentences.
+    #[arg(long, conflicts_with_all = ["a", "b", "pairs"])]
+    pub prior: bool,
+    /// A file of `A<TAB>B` pairs; the walks are printed one after another, separated by a blank line.
+    #[arg(long, conflicts_with_all = ["a", "b"])]
+    pub pairs: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub decode: DecodeArgs,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum EncodeFormat {
+    Jsonl,
+    Tsv,
+    Npy,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EncodeArgs {
+    /// Sentences, one per line; `-` or nothing reads standard input.
+    pub input: Option<PathBuf>,
+    /// jsonl: {"line", "text", "mu", "logvar"} per sentence; tsv: text, mu, logvar (numbers
+    /// space-separated); npy: a float32 array [N, 2, Z] with mu at [:, 0] and logvar at [:, 1].
+    #[arg(long, value_enum, default_value = "jsonl")]
+    pub format: EncodeFormat,
+    /// Output file [default: standard output; required for npy].
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -264,6 +416,9 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => run_train(*a),
         Command::Generate(a) => run_generate(a),
+        Command::Reconstruct(a) => run_reconstruct(a),
+        Command::Interpolate(a) => run_interpolate(a),
+        Command::Encode(a) => run_encode(a),
         Command::Vocab(a) => run_vocab(a),
         Command::Info(a) => run_info(a),
     }
@@ -321,27 +476,243 @@ fn run_train(a: TrainArgs) -> Result<()> {
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
-    let strategy = Strategy::from_temperature(a.temperature)?;
-    anyhow::ensure!(a.batch_size > 0, "--batch-size must be positive");
-    if let Some(0) = a.max_len {
-        anyhow::bail!("--max-len must be positive");
-    }
-    let device = runtime::parse_device(&a.device)?;
-    runtime::setup(Some(a.seed.unwrap_or_else(rand::random)), a.threads)?;
-    let dir = checkpoint::resolve(a.checkpoint.as_deref())?;
-    let model = checkpoint::load(&dir, device)?;
+    let strategy = a.decode.strategy(true)?;
+    a.decode.validate()?;
+    let (model, device) = a.model.load()?;
     let opts = GenerateOptions {
         n: a.n,
         strategy,
-        max_len: a.max_len.unwrap_or(model.config.train.max_len),
-        batch_size: a.batch_size,
+        max_len: a.decode.max_len(&model),
+        batch_size: a.decode.batch_size,
     };
     let lines = sample::generate(&model.vae, &model.tokenizer, device, &opts)?;
+    print_lines(&lines)
+}
+
+fn print_lines(lines: &[String]) -> Result<()> {
     let mut out = std::io::stdout().lock();
     for line in lines {
         writeln!(out, "{line}")?;
     }
     Ok(())
+}
+
+/// Sentences from a file, or from standard input for `-` or no path.
+fn read_inputs(path: Option<&Path>) -> Result<Corpus> {
+    match path {
+        Some(p) if p != Path::new("-") => data::read_corpus(p),
+        _ => {
+            let mut bytes = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut bytes)
+                .context("reading standard input")?;
+            let corpus = data::parse_corpus(&bytes).context("standard input")?;
+            anyhow::ensure!(!corpus.lines.is_empty(), "no sentences on standard input");
+            Ok(corpus)
+        }
+    }
+}
+
+/// Encodes input sentences with the model's tokenizer, printing the warnings on stderr.
+fn encode_inputs(model: &checkpoint::Loaded, corpus: &Corpus) -> Result<Vec<Vec<i64>>> {
+    let inputs = latent::prepare_inputs(&model.tokenizer, corpus, model.config.train.max_len)?;
+    for w in &inputs.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok(inputs.seqs)
+}
+
+fn run_reconstruct(a: ReconstructArgs) -> Result<()> {
+    let strategy = a.decode.strategy(false)?;
+    a.decode.validate()?;
+    anyhow::ensure!(a.num >= 1, "--num must be at least 1");
+    let corpus = read_inputs(a.input.as_deref())?;
+    let (model, device) = a.model.load()?;
+    let seqs = encode_inputs(&model, &corpus)?;
+    let (mu, logvar) = latent::encode(&model.vae, &seqs, a.decode.batch_size, device);
+    let k = a.num as i64;
+    // [N*K, Z]: the K rows of a sentence are adjacent.
+    let (mu, logvar) = (
+        mu.repeat_interleave_self_int(k, 0, None),
+        logvar.repeat_interleave_self_int(k, 0, None),
+    );
+    let z = if a.sample {
+        Vae::reparameterize(&mu, &logvar)
+    } else {
+        mu
+    };
+    let ids = sample::decode_ids(
+        &model.vae,
+        &z.to_device(device),
+        strategy,
+        a.decode.max_len(&model),
+        a.decode.batch_size,
+    );
+    let mut out = std::io::stdout().lock();
+    let mut pairs = Vec::with_capacity(ids.len());
+    for (i, line) in corpus.lines.iter().enumerate() {
+        let outs = &ids[i * a.num..(i + 1) * a.num];
+        let texts = outs
+            .iter()
+            .map(|o| model.tokenizer.decode(o))
+            .collect::<Result<Vec<_>>>()?;
+        if a.json {
+            writeln!(
+                out,
+                "{}",
+                json!({"line": corpus.line_numbers[i], "input": line, "reconstructions": texts})
+            )?;
+        } else {
+            for t in &texts {
+                writeln!(out, "{}\t{}", line.replace('\t', " "), t)?;
+            }
+        }
+        pairs.extend(outs.iter().map(|o| (seqs[i].as_slice(), o.as_slice())));
+    }
+    if a.score {
+        let s = latent::score(&pairs);
+        eprintln!(
+            "score: token accuracy {:.4}, exact match {:.4} over {} reconstructions of {} sentences",
+            s.token_accuracy,
+            s.exact_match,
+            s.sentences,
+            corpus.lines.len()
+        );
+    }
+    Ok(())
+}
+
+fn run_interpolate(a: InterpolateArgs) -> Result<()> {
+    let strategy = a.decode.strategy(false)?;
+    a.decode.validate()?;
+    anyhow::ensure!(
+        a.steps >= 1,
+        "--steps must be at least 1 (the number of points between the two ends)"
+    );
+    let pairs: Vec<(String, String)> = match (&a.pairs, &a.a, &a.b) {
+        (Some(file), _, _) => read_pairs(file)?,
+        (None, Some(x), Some(y)) => vec![(x.clone(), y.clone())],
+        _ => Vec::new(),
+    };
+    let (model, device) = a.model.load()?;
+    let zd = model.vae.latent_dim;
+    let ends: Vec<(Vec<f64>, Vec<f64>)> = if a.prior {
+        let z = latent::rows(&Tensor::randn([2, zd], (tch::Kind::Float, Device::Cpu)));
+        vec![(z[0].clone(), z[1].clone())]
+    } else {
+        let lines: Vec<String> = pairs
+            .iter()
+            .flat_map(|(x, y)| [x.clone(), y.clone()])
+            .collect();
+        for (i, l) in lines.iter().enumerate() {
+            anyhow::ensure!(
+                !l.trim().is_empty(),
+                "sentence {} of the interpolation is empty",
+                i + 1
+            );
+        }
+        let corpus = Corpus {
+            line_numbers: (1..=lines.len()).collect(),
+            lines,
+            blank_skipped: 0,
+        };
+        let seqs = encode_inputs(&model, &corpus)?;
+        let (mu, _) = latent::encode(&model.vae, &seqs, a.decode.batch_size, device);
+        let mu = latent::rows(&mu);
+        mu.chunks(2).map(|c| (c[0].clone(), c[1].clone())).collect()
+    };
+    let mut points = Vec::new();
+    for (za, zb) in &ends {
+        points.extend(latent::path(za, zb, a.steps, a.method)?);
+    }
+    let texts = sample::decode_texts(
+        &model.vae,
+        &model.tokenizer,
+        &latent::to_tensor(&points, device),
+        strategy,
+        a.decode.max_len(&model),
+        a.decode.batch_size,
+    )?;
+    let mut out = std::io::stdout().lock();
+    for (i, walk) in texts.chunks(a.steps + 2).enumerate() {
+        if i > 0 {
+            writeln!(out)?;
+        }
+        for t in walk {
+            writeln!(out, "{t}")?;
+        }
+    }
+    Ok(())
+}
+
+/// `A<TAB>B` per line; blank lines skipped; anything else is an error naming the line.
+fn read_pairs(path: &Path) -> Result<Vec<(String, String)>> {
+    let corpus = data::read_corpus(path)?;
+    corpus
+        .lines
+        .iter()
+        .zip(&corpus.line_numbers)
+        .map(|(l, n)| match l.split_once('\t') {
+            Some((x, y)) if !x.trim().is_empty() && !y.trim().is_empty() => {
+                Ok((x.trim().to_string(), y.trim().to_string()))
+            }
+            _ => anyhow::bail!(
+                "{} line {n}: expected two sentences separated by a tab",
+                path.display()
+            ),
+        })
+        .collect()
+}
+
+fn run_encode(a: EncodeArgs) -> Result<()> {
+    anyhow::ensure!(a.batch_size > 0, "--batch-size must be positive");
+    if matches!(a.format, EncodeFormat::Npy) && a.output.is_none() {
+        anyhow::bail!("--format npy needs -o FILE.npy");
+    }
+    let corpus = read_inputs(a.input.as_deref())?;
+    let (model, device) = a.model.load()?;
+    let seqs = encode_inputs(&model, &corpus)?;
+    let (mu, logvar) = latent::encode(&model.vae, &seqs, a.batch_size, device);
+    if let EncodeFormat::Npy = a.format {
+        let path = a.output.as_deref().unwrap_or(Path::new("encoded.npy"));
+        let both = Tensor::stack(&[mu, logvar], 1); // [N, 2, Z]
+        let tmp = path.with_extension("tmp.npy");
+        both.write_npy(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!(
+            "{}: {} sentences x 2 x {}",
+            path.display(),
+            corpus.lines.len(),
+            model.vae.latent_dim
+        );
+        return Ok(());
+    }
+    let (mu, logvar) = (latent::rows(&mu), latent::rows(&logvar));
+    let mut text = String::new();
+    let join = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.6}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    for i in 0..corpus.lines.len() {
+        let line = &corpus.lines[i];
+        match a.format {
+            EncodeFormat::Jsonl => text.push_str(&format!(
+                "{}\n",
+                json!({"line": corpus.line_numbers[i], "text": line, "mu": mu[i], "logvar": logvar[i]})
+            )),
+            _ => text.push_str(&format!("{}\t{}\t{}\n", line.replace('\t', " "), join(&mu[i]), join(&logvar[i]))),
+        }
+    }
+    match &a.output {
+        Some(path) => checkpoint::write_atomic(path, text.as_bytes()),
+        None => std::io::stdout()
+            .lock()
+            .write_all(text.as_bytes())
+            .context("writing to stdout"),
+    }
 }
 
 fn run_vocab(a: VocabArgs) -> Result<()> {
@@ -350,7 +721,7 @@ fn run_vocab(a: VocabArgs) -> Result<()> {
         !matches!(spec, TokenizerSpec::File(_)),
         "--tokenizer for `vocab` must be word or bpe"
     );
-    let corpus = crate::data::read_corpus(&a.corpus)?;
+    let corpus = data::read_corpus(&a.corpus)?;
     let tok = TextTokenizer::train(&spec, &corpus.lines, a.vocab_size)?;
     if let Some(parent) = a.output.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)

@@ -77,7 +77,7 @@ mod tests {
 
     #[test]
     fn active_units_counts_the_dimensions_that_vary() {
-        tch::manual_seed(3);
+        let _rng = crate::seeded(3);
         let n = 500;
         let varying = Tensor::randn([n, 3], (Kind::Float, Device::Cpu)); // var ~ 1
         let tiny = Tensor::randn([n, 2], (Kind::Float, Device::Cpu)) * 0.01; // var ~ 1e-4

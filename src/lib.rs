@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod eval;
+pub mod latent;
 pub mod loss;
 pub mod model;
 pub mod runtime;
@@ -23,4 +24,14 @@ pub const LIBTORCH_VERSION: &str = env!("TEXTVAE_LIBTORCH_VERSION");
 /// The one RNG type used for data shuffling and splitting, so seeds mean the same everywhere.
 pub fn seeded_rng(seed: u64) -> rand::rngs::StdRng {
     rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// libtorch's generator is global: a test that seeds it and then draws holds this lock, so that
+/// tests running in parallel threads do not draw from each other's stream.
+#[cfg(test)]
+pub(crate) fn seeded(seed: i64) -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(seed);
+    guard
 }

@@ -76,7 +76,7 @@ mod tests {
 
     #[test]
     fn closed_form_kl_matches_monte_carlo() {
-        tch::manual_seed(0);
+        let _rng = crate::seeded(0);
         let mu = Tensor::from_slice(&[0.5f32, -1.0, 0.0, 2.0]).view([1, 4]);
         let logvar = Tensor::from_slice(&[0.0f32, -1.0, 0.7, -2.0]).view([1, 4]);
         let closed = f(&kl_per_dim(&mu, &logvar).sum(Kind::Double));
@@ -144,7 +144,7 @@ mod tests {
 
     #[test]
     fn word_dropout_rate_and_what_it_never_touches() {
-        tch::manual_seed(1);
+        let _rng = crate::seeded(1);
         let (b, t) = (64i64, 50i64);
         let mut rows = vec![];
         for i in 0..b {

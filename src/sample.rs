@@ -1,8 +1,10 @@
-//! Decoding sentences from latent codes: z from the prior N(0, I) (generation) or from any other
-//! source, decoded in batches on the model's device under no-grad, with temperature sampling
-//! (temperature 0 = argmax).
+//! Decoding sentences from latent codes, shared by `generate`, `reconstruct` and `interpolate`:
+//! z [B, Z] is decoded for all B sentences at once on the model's device under no-grad, with
+//! greedy decoding, temperature sampling with optional top-k (Fan et al. 2018) and nucleus /
+//! top-p filtering (Holtzman et al. 2020), or beam search with length normalisation.
 
 use anyhow::{ensure, Result};
+use tch::nn::LSTMState;
 use tch::{Device, Kind, Tensor};
 
 use crate::model::Vae;
@@ -12,73 +14,314 @@ use crate::tokenizer::{TextTokenizer, BOS, EOS, PAD};
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Strategy {
     Greedy,
-    /// Sample from softmax(logits / temperature).
-    Temperature(f64),
+    /// Sample from softmax(logits / temperature), restricted to the `top_k` most likely tokens
+    /// and to the smallest set whose probability reaches `top_p`, when given.
+    Sample {
+        temperature: f64,
+        top_k: Option<i64>,
+        top_p: Option<f64>,
+    },
+    /// Beam search of the given width; hypotheses are ranked by log-probability per token.
+    Beam {
+        width: usize,
+    },
 }
 
 impl Strategy {
     /// Temperature 0 means argmax; a negative or non-finite one is an error.
     pub fn from_temperature(t: f64) -> Result<Self> {
+        Self::from_flags(t, None, None, false, None)
+    }
+
+    /// The strategy the decoding flags ask for, each flag validated.
+    pub fn from_flags(
+        temperature: f64,
+        top_k: Option<usize>,
+        top_p: Option<f64>,
+        greedy: bool,
+        beam: Option<usize>,
+    ) -> Result<Self> {
         ensure!(
-            t.is_finite() && t >= 0.0,
-            "--temperature must be >= 0, got {t}"
+            temperature.is_finite() && temperature >= 0.0,
+            "--temperature must be >= 0, got {temperature}"
         );
-        Ok(if t == 0.0 {
-            Strategy::Greedy
-        } else {
-            Strategy::Temperature(t)
+        if let Some(k) = top_k {
+            ensure!(k >= 1, "--top-k must be at least 1, got {k}");
+        }
+        if let Some(p) = top_p {
+            ensure!(p > 0.0 && p <= 1.0, "--top-p must be in (0, 1], got {p}");
+        }
+        if let Some(width) = beam {
+            ensure!(width >= 1, "--beam must be at least 1, got {width}");
+            ensure!(!greedy, "--beam and --greedy exclude each other");
+            ensure!(
+                top_k.is_none() && top_p.is_none(),
+                "--beam is deterministic: it takes no --top-k or --top-p"
+            );
+            return Ok(Strategy::Beam { width });
+        }
+        if greedy || temperature == 0.0 {
+            return Ok(Strategy::Greedy);
+        }
+        Ok(Strategy::Sample {
+            temperature,
+            top_k: top_k.map(|k| k as i64),
+            top_p,
         })
     }
 
-    /// Next tokens [B] from logits [B, V].
+    /// Next tokens [B] from logits [B, V] (not used for beam search).
     fn choose(&self, logits: &Tensor) -> Tensor {
         match *self {
-            Strategy::Greedy => logits.argmax(-1, false),
-            Strategy::Temperature(t) => (logits / t)
-                .softmax(-1, Kind::Float)
-                .multinomial(1, false)
-                .squeeze_dim(1),
+            Strategy::Greedy | Strategy::Beam { .. } => logits.argmax(-1, false),
+            Strategy::Sample {
+                temperature,
+                top_k,
+                top_p,
+            } => {
+                let mut l = logits / temperature;
+                if let Some(k) = top_k {
+                    l = top_k_filter(&l, k);
+                }
+                if let Some(p) = top_p {
+                    l = top_p_filter(&l, p);
+                }
+                l.softmax(-1, Kind::Float)
+                    .multinomial(1, false)
+                    .squeeze_dim(1)
+            }
         }
     }
 }
 
+/// Keeps the `k` largest logits of each row [B, V]; the rest become -inf.
+pub fn top_k_filter(logits: &Tensor, k: i64) -> Tensor {
+    let v = logits.size()[1];
+    let k = k.clamp(1, v);
+    let (values, _) = logits.topk(k, -1, true, true); // [B, k]
+    let kth = values.narrow(1, k - 1, 1); // [B, 1]
+    logits.masked_fill(&logits.lt_tensor(&kth), f64::NEG_INFINITY)
+}
+
+/// Keeps, per row [B, V], the most likely tokens up to and including the one at which their
+/// cumulative probability reaches `p`; the rest become -inf. The most likely token always stays.
+pub fn top_p_filter(logits: &Tensor, p: f64) -> Tensor {
+    let (sorted, order) = logits.sort(-1, true); // [B, V] each
+    let probs = sorted.softmax(-1, Kind::Float);
+    let before = probs.cumsum(-1, Kind::Float) - &probs; // mass of strictly more likely tokens
+    let drop = before.ge(p);
+    let kept = sorted.masked_fill(&drop, f64::NEG_INFINITY);
+    logits
+        .full_like(f64::NEG_INFINITY)
+        .scatter(-1, &order, &kept)
+}
+
+/// `<pad>` and `<s>` are never targets: forbid them outright rather than trust training.
+fn ban_specials(logits: &Tensor) -> Tensor {
+    let banned = Tensor::from_slice(&[PAD, BOS]).to_device(logits.device());
+    logits.index_fill(1, &banned, f64::NEG_INFINITY)
+}
+
 /// Decodes z [B, Z] into token id sequences (without `<s>`/`</s>`), at most `max_len` tokens each.
 pub fn decode_z(vae: &Vae, z: &Tensor, strategy: Strategy, max_len: usize) -> Vec<Vec<i64>> {
-    tch::no_grad(|| {
-        let b = z.size()[0];
-        let device = z.device();
-        let mut state = vae.decoder.init_state(z);
-        let mut tokens = Tensor::full([b], BOS, (Kind::Int64, device));
-        let mut finished = Tensor::zeros([b], (Kind::Bool, device));
-        let mut steps = Vec::with_capacity(max_len);
-        let banned = Tensor::from_slice(&[PAD, BOS]).to_device(device);
-        for _ in 0..max_len {
-            let (logits, next_state) = vae.decoder.step(&tokens, z, &state);
-            state = next_state;
-            // <pad> and <s> are never targets; forbid them outright rather than trust training.
-            let logits = logits.index_fill(1, &banned, f64::NEG_INFINITY);
-            // Finished rows keep emitting padding so that one sync at the end suffices.
-            let next = strategy.choose(&logits).masked_fill(&finished, PAD); // [B]
-            finished = finished.logical_or(&next.eq(EOS));
-            steps.push(next.shallow_clone());
-            tokens = next;
-            if finished.all().int64_value(&[]) == 1 {
-                break;
+    tch::no_grad(|| match strategy {
+        Strategy::Beam { width } => beam_search(vae, z, width, max_len),
+        _ => sample_tokens(vae, z, strategy, max_len),
+    })
+}
+
+fn sample_tokens(vae: &Vae, z: &Tensor, strategy: Strategy, max_len: usize) -> Vec<Vec<i64>> {
+    let b = z.size()[0];
+    let device = z.device();
+    let mut state = vae.decoder.init_state(z);
+    let mut tokens = Tensor::full([b], BOS, (Kind::Int64, device));
+    let mut finished = Tensor::zeros([b], (Kind::Bool, device));
+    let mut steps = Vec::with_capacity(max_len);
+    for _ in 0..max_len {
+        let (logits, next_state) = vae.decoder.step(&tokens, z, &state);
+        state = next_state;
+        // Finished rows keep emitting padding so that one sync at the end suffices.
+        let next = strategy
+            .choose(&ban_specials(&logits))
+            .masked_fill(&finished, PAD); // [B]
+        finished = finished.logical_or(&next.eq(EOS));
+        steps.push(next.shallow_clone());
+        tokens = next;
+        if finished.all().int64_value(&[]) == 1 {
+            break;
+        }
+    }
+    if steps.is_empty() {
+        return vec![Vec::new(); b as usize];
+    }
+    let all = Tensor::stack(&steps, 1).to_device(Device::Cpu); // [B, steps]
+    let rows: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(all).unwrap_or_default();
+    rows.into_iter()
+        .map(|r| {
+            r.into_iter()
+                .take_while(|&t| t != EOS && t != PAD)
+                .collect()
+        })
+        .collect()
+}
+
+/// A finished hypothesis: its tokens and its log-probability per token (counting `</s>`).
+struct Hypothesis {
+    tokens: Vec<i64>,
+    score: f64,
+}
+
+/// Beam search for every row of z at once: B x K beams advance as one batch of the decoder.
+/// As in fairseq, the 2K best continuations of each sentence are looked at: those ending in
+/// `</s>` among the first K are finished hypotheses, the best K others carry on. A sentence is
+/// done when it has K finished hypotheses; the best by log-probability per token is returned.
+/// With K = 1 this is exactly greedy decoding.
+fn beam_search(vae: &Vae, z: &Tensor, k: usize, max_len: usize) -> Vec<Vec<i64>> {
+    let b = z.size()[0] as usize;
+    let device = z.device();
+    let ki = k as i64;
+    let zk = z.repeat_interleave_self_int(ki, 0, None); // [B*K, Z]
+    let mut state = vae.decoder.init_state(&zk);
+    let mut tokens = Tensor::full([(b * k) as i64], BOS, (Kind::Int64, device));
+    // Only the first beam of each sentence is live at the start, so no beam is duplicated.
+    let mut scores: Vec<f64> = (0..b * k)
+        .map(|r| if r % k == 0 { 0.0 } else { f64::NEG_INFINITY })
+        .collect();
+    let mut histories: Vec<Vec<i64>> = vec![Vec::new(); b * k];
+    let mut finished: Vec<Vec<Hypothesis>> = (0..b).map(|_| Vec::new()).collect();
+    let done = |f: &Vec<Hypothesis>| f.len() >= k;
+
+    for _ in 0..max_len {
+        let (logits, next_state) = vae.decoder.step(&tokens, &zk, &state);
+        let logp = ban_specials(&logits).log_softmax(-1, Kind::Float); // [B*K, V]
+        let v = logp.size()[1];
+        let prev = Tensor::from_slice(&scores)
+            .to_kind(Kind::Float)
+            .to_device(device)
+            .unsqueeze(1); // [B*K, 1]
+        let cand = (logp + prev).view([b as i64, ki * v]); // [B, K*V]
+        let (top_scores, top_idx) = cand.topk((2 * ki).min(ki * v), -1, true, true); // [B, 2K]
+        let top_scores: Vec<f64> = Vec::try_from(
+            top_scores
+                .to_kind(Kind::Double)
+                .view([-1])
+                .to_device(Device::Cpu),
+        )
+        .unwrap_or_default();
+        let top_idx: Vec<i64> =
+            Vec::try_from(top_idx.view([-1]).to_device(Device::Cpu)).unwrap_or_default();
+        let per = top_idx.len() / b;
+
+        let mut src_rows = Vec::with_capacity(b * k);
+        let mut next_tokens = Vec::with_capacity(b * k);
+        let mut next_scores = Vec::with_capacity(b * k);
+        for s in 0..b {
+            let mut chosen = 0;
+            if !done(&finished[s]) {
+                for j in 0..per {
+                    let (score, idx) = (top_scores[s * per + j], top_idx[s * per + j]);
+                    if !score.is_finite() {
+                        break;
+                    }
+                    let (beam, tok) = ((idx / v) as usize, idx % v);
+                    let row = s * k + beam;
+                    if tok == EOS {
+                        if j < k {
+                            let tokens = histories[row].clone();
+                            let len = (tokens.len() + 1) as f64;
+                            finished[s].push(Hypothesis {
+                                tokens,
+                                score: score / len,
+                            });
+                        }
+                        continue;
+                    }
+                    if chosen < k {
+                        src_rows.push(row as i64);
+                        next_tokens.push(tok);
+                        next_scores.push(score);
+                        chosen += 1;
+                    }
+                }
+            }
+            // Done sentences (and any shortfall) keep dead placeholder beams to hold the shape.
+            while chosen < k {
+                src_rows.push((s * k) as i64);
+                next_tokens.push(PAD);
+                next_scores.push(f64::NEG_INFINITY);
+                chosen += 1;
             }
         }
-        if steps.is_empty() {
-            return vec![Vec::new(); b as usize];
+        if finished.iter().all(done) {
+            break;
         }
-        let all = Tensor::stack(&steps, 1).to_device(Device::Cpu); // [B, steps]
-        let rows: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(all).unwrap_or_default();
-        rows.into_iter()
-            .map(|r| {
-                r.into_iter()
-                    .take_while(|&t| t != EOS && t != PAD)
-                    .collect()
+        let src = Tensor::from_slice(&src_rows).to_device(device);
+        let LSTMState((h, c)) = next_state;
+        state = LSTMState((h.index_select(1, &src), c.index_select(1, &src))); // [L, B*K, H]
+        histories = src_rows
+            .iter()
+            .zip(&next_tokens)
+            .map(|(&r, &t)| {
+                let mut h = histories[r as usize].clone();
+                h.push(t);
+                h
             })
-            .collect()
-    })
+            .collect();
+        scores = next_scores;
+        tokens = Tensor::from_slice(&next_tokens).to_device(device);
+    }
+    // Sentences that ran out of length compete with their live beams as they stand.
+    (0..b)
+        .map(|s| {
+            let mut best: Option<(f64, &Vec<i64>)> = finished[s]
+                .iter()
+                .map(|h| (h.score, &h.tokens))
+                .max_by(|a, b| a.0.total_cmp(&b.0));
+            if best.is_none() {
+                for r in s * k..(s + 1) * k {
+                    let sc = scores[r] / histories[r].len().max(1) as f64;
+                    if scores[r].is_finite() && best.is_none_or(|(bs, _)| sc > bs) {
+                        best = Some((sc, &histories[r]));
+                    }
+                }
+            }
+            best.map(|(_, t)| t.clone()).unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Decodes z [N, Z] (any device) in chunks of `batch_size` rows: token ids per row.
+pub fn decode_ids(
+    vae: &Vae,
+    z: &Tensor,
+    strategy: Strategy,
+    max_len: usize,
+    batch_size: usize,
+) -> Vec<Vec<i64>> {
+    let n = z.size()[0];
+    let mut out = Vec::with_capacity(n as usize);
+    let mut start = 0;
+    while start < n {
+        let len = (n - start).min(batch_size.max(1) as i64);
+        out.extend(decode_z(vae, &z.narrow(0, start, len), strategy, max_len));
+        start += len;
+    }
+    out
+}
+
+/// Decodes z [N, Z] in chunks and detokenizes: one sentence per row.
+pub fn decode_texts(
+    vae: &Vae,
+    tok: &TextTokenizer,
+    z: &Tensor,
+    strategy: Strategy,
+    max_len: usize,
+    batch_size: usize,
+) -> Result<Vec<String>> {
+    decode_ids(vae, z, strategy, max_len, batch_size)
+        .iter()
+        .map(|ids| tok.decode(ids))
+        .collect()
 }
 
 pub struct GenerateOptions {
@@ -95,47 +338,142 @@ pub fn generate(
     device: Device,
     opts: &GenerateOptions,
 ) -> Result<Vec<String>> {
-    let mut out = Vec::with_capacity(opts.n);
-    while out.len() < opts.n {
-        let b = (opts.n - out.len()).min(opts.batch_size.max(1)) as i64;
-        let z = Tensor::randn([b, vae.latent_dim], (Kind::Float, device)); // [B, Z]
-        for ids in decode_z(vae, &z, opts.strategy, opts.max_len) {
-            out.push(tok.decode(&ids)?);
-        }
-    }
-    Ok(out)
+    let z = Tensor::randn([opts.n as i64, vae.latent_dim], (Kind::Float, device)); // [N, Z]
+    decode_texts(vae, tok, &z, opts.strategy, opts.max_len, opts.batch_size)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ModelConfig;
+    use tch::nn;
 
-    #[test]
-    fn temperature_zero_is_greedy_and_negative_is_rejected() {
-        assert_eq!(Strategy::from_temperature(0.0).unwrap(), Strategy::Greedy);
-        assert_eq!(
-            Strategy::from_temperature(0.8).unwrap(),
-            Strategy::Temperature(0.8)
-        );
-        assert!(Strategy::from_temperature(-1.0).is_err());
-        assert!(Strategy::from_temperature(f64::NAN).is_err());
+    fn sample(temperature: f64, top_k: Option<i64>, top_p: Option<f64>) -> Strategy {
+        Strategy::Sample {
+            temperature,
+            top_k,
+            top_p,
+        }
     }
 
     #[test]
-    fn low_temperature_sampling_concentrates_on_the_argmax() {
-        tch::manual_seed(0);
-        let logits = Tensor::from_slice(&[1.0f32, 3.0, 2.0, 0.0])
-            .view([1, 4])
-            .repeat([200, 1]);
-        let picks = Strategy::Temperature(0.05).choose(&logits);
-        assert_eq!(picks.eq(1).sum(Kind::Int64).int64_value(&[]), 200);
+    fn flags_map_to_strategies_and_bad_values_are_rejected() {
+        assert_eq!(Strategy::from_temperature(0.0).unwrap(), Strategy::Greedy);
         assert_eq!(
+            Strategy::from_temperature(0.8).unwrap(),
+            sample(0.8, None, None)
+        );
+        assert!(Strategy::from_temperature(-1.0).is_err());
+        assert!(Strategy::from_temperature(f64::NAN).is_err());
+        assert_eq!(
+            Strategy::from_flags(1.0, None, None, true, None).unwrap(),
             Strategy::Greedy
-                .choose(&logits)
-                .eq(1)
+        );
+        assert_eq!(
+            Strategy::from_flags(1.0, None, None, false, Some(5)).unwrap(),
+            Strategy::Beam { width: 5 }
+        );
+        let e = |r: Result<Strategy>| r.unwrap_err().to_string();
+        assert!(e(Strategy::from_flags(1.0, None, Some(0.0), false, None)).contains("--top-p"));
+        assert!(e(Strategy::from_flags(1.0, None, Some(1.5), false, None)).contains("--top-p"));
+        assert!(e(Strategy::from_flags(1.0, None, None, false, Some(0))).contains("--beam"));
+        assert!(e(Strategy::from_flags(1.0, Some(0), None, false, None)).contains("--top-k"));
+    }
+
+    #[test]
+    fn low_temperature_and_top_k_one_equal_greedy() {
+        let _rng = crate::seeded(0);
+        // A random order of well-separated values per row: no near-ties for sampling to hit.
+        let logits = Tensor::rand([300, 50], (Kind::Float, Device::Cpu))
+            .argsort(-1, false)
+            .to_kind(Kind::Float)
+            * 0.1;
+        let greedy = Strategy::Greedy.choose(&logits);
+        assert!(sample(1e-3, None, None).choose(&logits).equal(&greedy));
+        assert!(sample(1.0, Some(1), None).choose(&logits).equal(&greedy));
+        assert!(sample(1e-3, Some(1), None).choose(&logits).equal(&greedy));
+    }
+
+    #[test]
+    fn top_p_never_samples_outside_the_nucleus() {
+        let _rng = crate::seeded(2);
+        // probabilities 0.5, 0.3, 0.15, 0.05: the 0.7-nucleus is {0, 1}.
+        let probs = Tensor::from_slice(&[0.5f32, 0.3, 0.15, 0.05]).view([1, 4]);
+        let logits = probs.log().repeat([5000, 1]);
+        let picks = sample(1.0, None, Some(0.7)).choose(&logits);
+        assert_eq!(picks.ge(2).sum(Kind::Int64).int64_value(&[]), 0);
+        let zeros = picks.eq(0).sum(Kind::Int64).int64_value(&[]) as f64 / 5000.0;
+        assert!(
+            (zeros - 0.625).abs() < 0.03,
+            "renormalised share of token 0: {zeros}"
+        );
+        // Exactly reaching p keeps the token that reaches it: 0.8 = {0, 1}.
+        let kept = top_p_filter(&probs.log(), 0.8)
+            .isfinite()
+            .sum(Kind::Int64)
+            .int64_value(&[]);
+        assert_eq!(kept, 2);
+        // A tiny p keeps the most likely token alone.
+        let kept = top_p_filter(&probs.log(), 1e-6)
+            .isfinite()
+            .sum(Kind::Int64)
+            .int64_value(&[]);
+        assert_eq!(kept, 1);
+    }
+
+    #[test]
+    fn top_k_keeps_exactly_k() {
+        let logits = Tensor::from_slice(&[1.0f32, 5.0, 3.0, 4.0, 2.0]).view([1, 5]);
+        let kept = top_k_filter(&logits, 2);
+        let finite: Vec<bool> = Vec::try_from(kept.isfinite().view([-1])).unwrap();
+        assert_eq!(finite, vec![false, true, false, true, false]);
+        assert_eq!(
+            top_k_filter(&logits, 99)
+                .isfinite()
                 .sum(Kind::Int64)
                 .int64_value(&[]),
-            200
+            5
         );
+    }
+
+    fn tiny_vae() -> (nn::VarStore, Vae) {
+        let cfg = ModelConfig {
+            vocab_size: 40,
+            emb_dim: 8,
+            kernel_widths: vec![2],
+            conv_filters: 4,
+            latent_dim: 6,
+            hidden_dim: 16,
+            ..Default::default()
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let vae = Vae::new(vs.root(), &cfg);
+        (vs, vae)
+    }
+
+    #[test]
+    fn beam_of_one_equals_greedy_and_wider_beams_give_valid_sentences() {
+        let _rng = crate::seeded(4);
+        let (_vs, vae) = tiny_vae();
+        let z = Tensor::randn([16, 6], (Kind::Float, Device::Cpu)) * 3.0;
+        let greedy = decode_z(&vae, &z, Strategy::Greedy, 12);
+        let beam1 = decode_z(&vae, &z, Strategy::Beam { width: 1 }, 12);
+        assert_eq!(greedy, beam1);
+        let beam4 = decode_z(&vae, &z, Strategy::Beam { width: 4 }, 12);
+        assert_eq!(beam4.len(), 16);
+        assert!(beam4
+            .iter()
+            .all(|s| s.len() <= 12 && !s.contains(&PAD) && !s.contains(&BOS)));
+    }
+
+    #[test]
+    fn a_fixed_seed_gives_the_same_samples_twice() {
+        let (_vs, vae) = tiny_vae();
+        let run = || {
+            let _rng = crate::seeded(9);
+            let z = Tensor::randn([8, 6], (Kind::Float, Device::Cpu));
+            decode_z(&vae, &z, sample(0.9, Some(10), Some(0.9)), 10)
+        };
+        assert_eq!(run(), run());
     }
 }

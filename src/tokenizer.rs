@@ -63,6 +63,21 @@ fn special_tokens() -> Vec<AddedToken> {
         .collect()
 }
 
+/// The training text without special-token strings. The trainers would count a literal `<unk>`
+/// (PTB has many) as a word and give it a second id, leaving a hole at 3 and an id past the end
+/// of the vocabulary. At encoding time the literal still maps to the special token.
+fn scrubbed(lines: &[String]) -> impl Iterator<Item = String> + Send + '_ {
+    lines.iter().map(|l| {
+        let mut l = l.clone();
+        for s in SPECIALS {
+            if l.contains(s) {
+                l = l.replace(s, " ");
+            }
+        }
+        l
+    })
+}
+
 impl TextTokenizer {
     /// Trains a tokenizer of the given kind (`Word` or `Bpe`) on `lines`.
     pub fn train(
@@ -90,9 +105,6 @@ impl TextTokenizer {
             .map_err(|e| anyhow!("building the word-level model: {e}"))?;
         let mut inner = Tokenizer::new(model);
         inner.with_pre_tokenizer(Some(WhitespaceSplit));
-        // Registered before training so that a literal `<unk>` in the corpus (PTB has many) is
-        // read as the special token, not counted as a word that would take another id.
-        inner.add_special_tokens(&special_tokens());
         let mut trainer: TrainerWrapper = WordLevelTrainer::builder()
             .vocab_size(vocab_size)
             .min_frequency(0)
@@ -102,7 +114,7 @@ impl TextTokenizer {
             .map_err(|e| anyhow!("building the word-level trainer: {e}"))?
             .into();
         inner
-            .train(&mut trainer, lines.iter())
+            .train(&mut trainer, scrubbed(lines))
             .map_err(|e| anyhow!("training the word-level tokenizer: {e}"))?;
         Self::checked(inner)
     }
@@ -116,7 +128,6 @@ impl TextTokenizer {
         inner.with_normalizer(Some(NFC));
         inner.with_pre_tokenizer(Some(ByteLevel::default()));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
-        inner.add_special_tokens(&special_tokens());
         let alphabet: HashSet<char> = ByteLevel::alphabet().into_iter().collect();
         let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
             .vocab_size(vocab_size)
@@ -127,7 +138,7 @@ impl TextTokenizer {
             .build()
             .into();
         inner
-            .train(&mut trainer, lines.iter())
+            .train(&mut trainer, scrubbed(lines))
             .map_err(|e| anyhow!("training the BPE tokenizer: {e}"))?;
         Self::checked(inner)
     }
@@ -146,6 +157,14 @@ impl TextTokenizer {
 
     /// Every tokenizer textvae uses must put the special tokens at ids 0..=3: the model relies on it.
     fn checked(inner: Tokenizer) -> Result<Self> {
+        // Ids must be exactly 0..n: the embedding and output layers have n rows.
+        let vocab = inner.get_vocab(true);
+        let n = vocab.len();
+        let distinct: HashSet<u32> = vocab.values().copied().collect();
+        ensure!(
+            distinct.len() == n && vocab.values().all(|&id| (id as usize) < n),
+            "token ids are not the contiguous range 0..{n}"
+        );
         for (id, name) in SPECIALS.iter().enumerate() {
             match inner.token_to_id(name) {
                 Some(got) if got as usize == id => {}
@@ -232,6 +251,23 @@ mod tests {
         assert_eq!(ids[2], UNK);
         assert_eq!(tok.decode(&ids).unwrap(), "the cat <unk>");
         assert_eq!(tok.kind(), "word");
+    }
+
+    #[test]
+    fn literal_special_tokens_in_the_corpus_do_not_take_a_second_id() {
+        let corpus = lines(&["the <unk> sat", "a <unk> ran </s>", "the cat <s> sat"]);
+        for tok in [
+            TextTokenizer::train_word(&corpus, 100).unwrap(),
+            TextTokenizer::train_bpe(&corpus, 300).unwrap(),
+        ] {
+            let n = tok.vocab_size();
+            let ids = tok.encode("the <unk> sat").unwrap();
+            assert!(ids.contains(&UNK), "{ids:?}");
+            assert!(ids.iter().all(|&i| i < n), "{ids:?} vs {n}");
+            let mut all: Vec<u32> = tok.inner.get_vocab(true).into_values().collect();
+            all.sort();
+            assert_eq!(all, (0..n as u32).collect::<Vec<_>>());
+        }
     }
 
     #[test]

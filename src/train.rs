@@ -210,7 +210,6 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
         ckpt::write_json(&dir.join(ckpt::CONFIG), &config)?;
         prep.tokenizer.save(&dir.join(ckpt::TOKENIZER))?;
     }
-    ckpt::record_latest(&dir)?;
 
     let params: i64 = vs
         .trainable_variables()
@@ -343,6 +342,8 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
         )?;
         ckpt::save_weights(&vs, &dir.join(ckpt::LAST_WEIGHTS))?;
         ckpt::write_json(&dir.join(ckpt::STATE), &state)?;
+        // Recorded once a loadable model exists, so `generate` never finds a half-made one.
+        ckpt::record_latest(&dir)?;
         if let Some(reason) = interrupted {
             stopped_by = reason;
             break;

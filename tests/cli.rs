@@ -271,3 +271,44 @@ fn bad_inputs_fail_cleanly() {
     )
     .fails_with("tokenizer does not match");
 }
+
+#[test]
+fn ctrl_c_stops_after_the_current_step_and_saves() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = common::tiny_corpus();
+    let mut args = vec!["train", corpus.to_str().unwrap()];
+    args.extend_from_slice(common::TINY_MODEL);
+    args.extend_from_slice(&["--epochs", "100000", "--log-every", "1", "--out", "m"]);
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_textvae"))
+        .args(&args)
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way (a metrics record exists), then interrupt.
+    let metrics = dir.path().join("m/metrics.jsonl");
+    let start = std::time::Instant::now();
+    while !metrics.exists() {
+        assert!(start.elapsed().as_secs() < 60, "training never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("interrupted"));
+    assert!(stderr.contains("checkpoint saved"), "{stderr}");
+    for f in ["model.safetensors", "last.safetensors", "state.json"] {
+        assert!(
+            dir.path().join("m").join(f).is_file(),
+            "{f} missing after Ctrl-C"
+        );
+    }
+    // And the interrupted run can be continued.
+    train_tiny(dir.path(), &["--epochs", "1", "--out", "m", "--resume"]).ok();
+}

@@ -139,4 +139,11 @@ fn word_tokenizer_covers_every_ptb_training_word() {
     }
     // PTB's own <unk> is our special token; everything else adds one entry each.
     assert_eq!(tok.vocab_size() as usize, types.len() + 3);
+    let enc = data::encode_lines(&tok, &lines, 1000).unwrap();
+    let max = enc.seqs.iter().flatten().max().copied().unwrap();
+    assert!(
+        max < tok.vocab_size(),
+        "id {max} outside the vocabulary of {}",
+        tok.vocab_size()
+    );
 }

@@ -1,0 +1,233 @@
+//! The latent space as a tool: encoding sentences to their posterior q(z|x) and walking between
+//! two codes (Bowman et al. 2016, "homotopies") by linear or spherical interpolation (slerp,
+//! White 2016, which keeps the path where Gaussian mass lives).
+
+use anyhow::{bail, Result};
+use tch::{Device, Kind, Tensor};
+
+use crate::data::{sorted_batches, Batch, Corpus};
+use crate::model::Vae;
+use crate::tokenizer::{TextTokenizer, EOS, UNK};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Method {
+    Lerp,
+    Slerp,
+}
+
+/// (1 - t) a + t b.
+pub fn lerp(a: &[f64], b: &[f64], t: f64) -> Vec<f64> {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (1.0 - t) * x + t * y)
+        .collect()
+}
+
+/// Spherical interpolation: sin((1-t) w) / sin w * a + sin(t w) / sin w * b, with w the angle
+/// between a and b. Falls back to lerp when a and b are (anti)parallel or zero, where sin w
+/// vanishes.
+pub fn slerp(a: &[f64], b: &[f64], t: f64) -> Vec<f64> {
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let (na, nb) = (norm(a), norm(b));
+    if na == 0.0 || nb == 0.0 {
+        return lerp(a, b, t);
+    }
+    let cos = (a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>() / (na * nb)).clamp(-1.0, 1.0);
+    let omega = cos.acos();
+    let sin = omega.sin();
+    if sin.abs() < 1e-6 {
+        return lerp(a, b, t);
+    }
+    let (wa, wb) = (((1.0 - t) * omega).sin() / sin, (t * omega).sin() / sin);
+    a.iter().zip(b).map(|(x, y)| wa * x + wb * y).collect()
+}
+
+/// `steps` evenly spaced points strictly between a and b, plus both ends: steps + 2 points.
+pub fn path(a: &[f64], b: &[f64], steps: usize, method: Method) -> Result<Vec<Vec<f64>>> {
+    if steps == 0 {
+        bail!("--steps must be at least 1 (the number of points between the two ends)");
+    }
+    if a.len() != b.len() {
+        bail!(
+            "latent codes of different sizes: {} and {}",
+            a.len(),
+            b.len()
+        );
+    }
+    let n = steps + 1;
+    Ok((0..=n)
+        .map(|i| {
+            let t = i as f64 / n as f64;
+            match method {
+                Method::Lerp => lerp(a, b, t),
+                Method::Slerp => slerp(a, b, t),
+            }
+        })
+        .collect())
+}
+
+/// Posterior means and log-variances of `seqs`, in input order: ([N, Z], [N, Z]) on the CPU.
+pub fn encode(vae: &Vae, seqs: &[Vec<i64>], batch_size: usize, device: Device) -> (Tensor, Tensor) {
+    tch::no_grad(|| {
+        let lengths: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        let n = seqs.len() as i64;
+        let mut mu = Tensor::zeros([n, vae.latent_dim], (Kind::Float, Device::Cpu));
+        let mut logvar = Tensor::zeros([n, vae.latent_dim], (Kind::Float, Device::Cpu));
+        for idx in sorted_batches(&lengths, batch_size) {
+            let rows: Vec<&[i64]> = idx.iter().map(|&i| seqs[i].as_slice()).collect();
+            let batch = Batch::new(&rows, device);
+            let (m, lv) = vae.encoder.forward(&batch.targets, &batch.lengths);
+            let at = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
+            let _ = mu.index_copy_(0, &at, &m.to_device(Device::Cpu));
+            let _ = logvar.index_copy_(0, &at, &lv.to_device(Device::Cpu));
+        }
+        (mu, logvar)
+    })
+}
+
+/// Sentences tokenized for encoding, and the warnings about them a user should see.
+pub struct Inputs {
+    pub seqs: Vec<Vec<i64>>,
+    pub warnings: Vec<String>,
+}
+
+/// Tokenizes input sentences for the encoder. Blank lines were already skipped (and counted) by
+/// the corpus reader. A sentence made only of unknown words is encoded all the same (as
+/// `<unk>`s), and one longer than the model's training `max_len` is encoded in full (the
+/// convolutional encoder takes any length); both are reported, by line number.
+pub fn prepare_inputs(tok: &TextTokenizer, corpus: &Corpus, max_len: usize) -> Result<Inputs> {
+    let mut seqs = Vec::with_capacity(corpus.lines.len());
+    let mut warnings = Vec::new();
+    if corpus.blank_skipped > 0 {
+        warnings.push(format!("skipped {} blank lines", corpus.blank_skipped));
+    }
+    for (line, &number) in corpus.lines.iter().zip(&corpus.line_numbers) {
+        let ids = tok.encode(line)?;
+        if ids.iter().all(|&i| i == UNK) {
+            warnings.push(format!(
+                "line {number}: every token is unknown to the model"
+            ));
+        }
+        if ids.len() > max_len {
+            warnings.push(format!(
+                "line {number}: {} tokens, longer than the {max_len} the model was trained on; encoded in full",
+                ids.len()
+            ));
+        }
+        seqs.push(ids);
+    }
+    Ok(Inputs { seqs, warnings })
+}
+
+/// Reconstruction quality against the inputs: token accuracy (position-wise over each input's
+/// tokens and its `</s>`) and the share of exact reconstructions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Score {
+    pub sentences: usize,
+    pub token_accuracy: f64,
+    pub exact_match: f64,
+}
+
+pub fn score(pairs: &[(&[i64], &[i64])]) -> Score {
+    let (mut right, mut total, mut exact) = (0usize, 0usize, 0usize);
+    for (input, output) in pairs {
+        let with_eos = |s: &[i64]| s.iter().copied().chain([EOS]).collect::<Vec<_>>();
+        let (x, y) = (with_eos(input), with_eos(output));
+        right += x.iter().zip(&y).filter(|(a, b)| a == b).count();
+        total += x.len();
+        exact += usize::from(x == y);
+    }
+    let n = pairs.len();
+    Score {
+        sentences: n,
+        token_accuracy: if total == 0 {
+            0.0
+        } else {
+            right as f64 / total as f64
+        },
+        exact_match: if n == 0 { 0.0 } else { exact as f64 / n as f64 },
+    }
+}
+
+/// Rows of a [N, Z] tensor as vectors.
+pub fn rows(t: &Tensor) -> Vec<Vec<f64>> {
+    Vec::<Vec<f64>>::try_from(t.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap_or_default()
+}
+
+/// Vectors back into a [N, Z] float tensor on `device`.
+pub fn to_tensor(vs: &[Vec<f64>], device: Device) -> Tensor {
+    let z = vs.first().map_or(0, Vec::len) as i64;
+    let flat: Vec<f32> = vs.iter().flatten().map(|&x| x as f32).collect();
+    Tensor::from_slice(&flat)
+        .view([vs.len() as i64, z])
+        .to_device(device) // [N, Z]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(v: &[f64]) -> f64 {
+        v.iter().map(|x| x * x).sum::<f64>().sqrt()
+    }
+
+    #[test]
+    fn both_methods_hit_both_endpoints_exactly() {
+        let a = [0.3, -1.2, 2.5, 0.0];
+        let b = [-0.7, 0.4, 1.1, 3.3];
+        for m in [Method::Lerp, Method::Slerp] {
+            let p = path(&a, &b, 5, m).unwrap();
+            assert_eq!(p.len(), 7);
+            assert_eq!(p[0], a.to_vec(), "{m:?} start");
+            assert_eq!(p[6], b.to_vec(), "{m:?} end");
+        }
+    }
+
+    #[test]
+    fn slerp_keeps_the_norm_between_equal_norm_endpoints() {
+        let a = [3.0, 4.0, 0.0];
+        let b = [0.0, 0.0, 5.0];
+        for i in 0..=10 {
+            let p = slerp(&a, &b, i as f64 / 10.0);
+            assert!((norm(&p) - 5.0).abs() < 1e-9, "t={i}/10: {}", norm(&p));
+        }
+        // lerp cuts the corner.
+        assert!(norm(&lerp(&a, &b, 0.5)) < 4.0);
+    }
+
+    #[test]
+    fn slerp_of_parallel_or_zero_vectors_is_finite() {
+        let a = [1.0, 2.0, 3.0];
+        let b = [2.0, 4.0, 6.0];
+        let c = [1.0, 2.0, 3.0000000001];
+        let zero = [0.0, 0.0, 0.0];
+        for (x, y) in [(&a, &b), (&a, &a), (&a, &c), (&a, &zero), (&zero, &zero)] {
+            for t in [0.0, 0.3, 1.0] {
+                let p = slerp(x, y, t);
+                assert!(p.iter().all(|v| v.is_finite()), "{x:?} {y:?} {t}: {p:?}");
+            }
+        }
+        assert_eq!(slerp(&a, &b, 0.5), lerp(&a, &b, 0.5));
+    }
+
+    #[test]
+    fn score_counts_positions_and_exact_matches() {
+        let a: &[i64] = &[5, 6, 7];
+        let b: &[i64] = &[5, 9, 7];
+        let c: &[i64] = &[5, 6];
+        // a vs a: 4/4 exact; a vs b: 3/4; a vs c: [5,6,7,</s>] vs [5,6,</s>]: 2/4.
+        let s = score(&[(a, a), (a, b), (a, c)]);
+        assert_eq!(s.sentences, 3);
+        assert!((s.token_accuracy - 9.0 / 12.0).abs() < 1e-12);
+        assert!((s.exact_match - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(score(&[]).token_accuracy, 0.0);
+    }
+
+    #[test]
+    fn zero_steps_is_an_error() {
+        assert!(path(&[1.0], &[2.0], 0, Method::Lerp)
+            .unwrap_err()
+            .to_string()
+            .contains("--steps"));
+    }
+}

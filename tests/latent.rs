@@ -1,0 +1,309 @@
+//! Latent-space commands end to end on a model trained here until it reconstructs its corpus:
+//! reconstruct, interpolate, encode, the decoding strategies, and their bad inputs.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::{textvae, Run};
+
+/// One model for the whole file: the tiny corpus memorised (word tokenizer, no dropout, small
+/// constant beta, as in tests/model.rs's overfitting test).
+fn model() -> &'static (tempfile::TempDir, PathBuf) {
+    static MODEL: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = common::tiny_corpus();
+        let c = corpus.to_str().unwrap();
+        let run = textvae(
+            dir.path(),
+            &[
+                "train",
+                c,
+                "--valid",
+                c,
+                "--out",
+                "m",
+                "--tokenizer",
+                "word",
+                "--emb-dim",
+                "32",
+                "--hidden-dim",
+                "64",
+                "--latent-dim",
+                "8",
+                "--conv-filters",
+                "32",
+                "--batch-size",
+                "4",
+                "--epochs",
+                "100",
+                "--lr",
+                "0.003",
+                "--lr-patience",
+                "1000",
+                "--word-dropout",
+                "0",
+                "--emb-dropout",
+                "0",
+                "--out-dropout",
+                "0",
+                "--kl-schedule",
+                "constant",
+                "--beta",
+                "0.2",
+                "--seed",
+                "11",
+                "--threads",
+                "1",
+                "--device",
+                "cpu",
+                "--log-every",
+                "1000",
+            ],
+        );
+        run.ok();
+        let ckpt = dir.path().join("m");
+        (dir, ckpt)
+    })
+}
+
+fn run(args: &[&str], stdin: Option<&str>) -> Run {
+    let (dir, ckpt) = model();
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend_from_slice(&[
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--seed",
+        "1",
+        "--threads",
+        "1",
+    ]);
+    match stdin {
+        None => textvae(dir.path(), &all),
+        Some(input) => common::textvae_stdin(dir.path(), &all, input),
+    }
+}
+
+fn corpus_lines() -> Vec<String> {
+    std::fs::read_to_string(common::tiny_corpus())
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn greedy_reconstruction_returns_the_training_sentences() {
+    let out = run(
+        &[
+            "reconstruct",
+            common::tiny_corpus().to_str().unwrap(),
+            "--score",
+        ],
+        None,
+    );
+    out.ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 20);
+    let exact = lines
+        .iter()
+        .filter(|l| {
+            let (a, b) = l.split_once('\t').unwrap();
+            a == b
+        })
+        .count();
+    assert!(
+        exact >= 18,
+        "only {exact}/20 reconstructed exactly:\n{}",
+        out.stdout
+    );
+    assert!(out.stderr.contains("token accuracy"), "{}", out.stderr);
+
+    // Beam search of width 1 is greedy; several samples per sentence come out adjacent.
+    let beam1 = run(
+        &[
+            "reconstruct",
+            common::tiny_corpus().to_str().unwrap(),
+            "--beam",
+            "1",
+        ],
+        None,
+    );
+    assert_eq!(beam1.ok().stdout, out.stdout);
+    let multi = run(
+        &["reconstruct", "-", "--sample", "--num", "3", "--json"],
+        Some("the cat sat on the mat .\n"),
+    );
+    let v: serde_json::Value = serde_json::from_str(multi.ok().stdout.trim()).unwrap();
+    assert_eq!(v["reconstructions"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn interpolation_runs_from_a_to_b() {
+    let lines = corpus_lines();
+    let (a, b) = (&lines[0], &lines[11]);
+    let recon = run(&["reconstruct", "-"], Some(&format!("{a}\n{b}\n")));
+    let recon: Vec<String> = recon
+        .ok()
+        .stdout
+        .lines()
+        .map(|l| l.split_once('\t').unwrap().1.to_string())
+        .collect();
+    for method in ["lerp", "slerp"] {
+        let out = run(
+            &["interpolate", a, b, "--steps", "5", "--method", method],
+            None,
+        );
+        let walk: Vec<&str> = out.ok().stdout.lines().collect();
+        assert_eq!(walk.len(), 7, "{method}: {}", out.stdout);
+        assert_eq!(walk[0], recon[0], "{method} starts at A's reconstruction");
+        assert_eq!(walk[6], recon[1], "{method} ends at B's reconstruction");
+    }
+    let prior = run(
+        &["interpolate", "--prior", "--steps", "2", "--top-p", "0.9"],
+        None,
+    );
+    assert_eq!(prior.ok().stdout.lines().count(), 4);
+
+    let (dir, _) = model();
+    let pairs = dir.path().join("pairs.tsv");
+    std::fs::write(&pairs, format!("{a}\t{b}\n{b}\t{a}\n")).unwrap();
+    let many = run(
+        &[
+            "interpolate",
+            "--pairs",
+            pairs.to_str().unwrap(),
+            "--steps",
+            "1",
+        ],
+        None,
+    );
+    let blocks: Vec<&str> = many.ok().stdout.split("\n\n").collect();
+    assert_eq!(blocks.len(), 2, "{}", many.stdout);
+    assert!(blocks.iter().all(|b| b.trim().lines().count() == 3));
+}
+
+#[test]
+fn encode_gives_one_vector_of_the_latent_size_per_input() {
+    let out = run(&["encode", common::tiny_corpus().to_str().unwrap()], None);
+    let rows: Vec<serde_json::Value> = out
+        .ok()
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 20);
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r["line"], i + 1, "input order is kept");
+        assert_eq!(r["mu"].as_array().unwrap().len(), 8);
+        assert_eq!(r["logvar"].as_array().unwrap().len(), 8);
+    }
+    let tsv = run(
+        &["encode", "-", "--format", "tsv"],
+        Some("the cat sat on the mat .\n"),
+    );
+    let fields: Vec<&str> = tsv.ok().stdout.trim_end().split('\t').collect();
+    assert_eq!(fields.len(), 3);
+    assert_eq!(fields[1].split(' ').count(), 8);
+
+    let (dir, _) = model();
+    let npy = dir.path().join("z.npy");
+    run(
+        &[
+            "encode",
+            common::tiny_corpus().to_str().unwrap(),
+            "--format",
+            "npy",
+            "-o",
+            npy.to_str().unwrap(),
+        ],
+        None,
+    )
+    .ok();
+    let t = tch::Tensor::read_npy(&npy).unwrap();
+    assert_eq!(t.size(), vec![20, 2, 8]);
+    // Same numbers as the JSON lines (mu of the first sentence).
+    let first: Vec<f64> = rows[0]["mu"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert!((t.double_value(&[0, 0, 0]) - first[0]).abs() < 1e-5);
+}
+
+#[test]
+fn decoding_with_a_fixed_seed_is_repeatable() {
+    let a = run(
+        &[
+            "generate",
+            "-n",
+            "5",
+            "--top-k",
+            "5",
+            "--temperature",
+            "0.9",
+        ],
+        None,
+    );
+    let b = run(
+        &[
+            "generate",
+            "-n",
+            "5",
+            "--top-k",
+            "5",
+            "--temperature",
+            "0.9",
+        ],
+        None,
+    );
+    assert_eq!(a.ok().stdout, b.ok().stdout);
+    let beam = run(&["generate", "-n", "4", "--beam", "3"], None);
+    assert_eq!(beam.ok().stdout.lines().count(), 4);
+}
+
+#[test]
+fn bad_latent_inputs_behave_as_documented() {
+    // Blank lines are skipped with a warning; all-unknown and over-long sentences are encoded
+    // all the same, with a warning naming the line.
+    let long = vec!["the"; 80].join(" ");
+    let out = run(
+        &["reconstruct", "-"],
+        Some(&format!("\nxyzzy plugh\n{long}\n")),
+    );
+    out.ok();
+    assert_eq!(out.stdout.lines().count(), 2);
+    assert!(
+        out.stderr.contains("skipped 1 blank lines"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("line 2: every token is unknown"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("line 3: 80 tokens, longer than"),
+        "{}",
+        out.stderr
+    );
+
+    run(&["reconstruct", "-"], Some("\n\n")).fails_with("no sentences on standard input");
+    run(&["interpolate", "", "the cat sat on the mat ."], None)
+        .fails_with("sentence 1 of the interpolation is empty");
+    run(&["interpolate", "a", "b", "--steps", "0"], None).fails_with("--steps must be at least 1");
+    run(&["generate", "--top-p", "0"], None).fails_with("--top-p must be in (0, 1]");
+    run(&["generate", "--top-p", "1.5"], None).fails_with("--top-p must be in (0, 1]");
+    run(&["generate", "--beam", "0"], None).fails_with("--beam must be at least 1");
+    run(&["encode", "-", "--format", "npy"], Some("a\n")).fails_with("needs -o");
+    let (dir, _) = model();
+    let bad = dir.path().join("bad_pairs.tsv");
+    std::fs::write(&bad, "only one sentence\n").unwrap();
+    run(&["interpolate", "--pairs", bad.to_str().unwrap()], None)
+        .fails_with("line 1: expected two sentences");
+    assert!(Path::new(&bad).exists());
+}
