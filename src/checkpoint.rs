@@ -7,6 +7,7 @@
 //! tokenizer.json     the tokenizer trained with the model
 //! state.json         epoch, step, best validation loss, learning rate
 //! metrics.jsonl      one JSON record per logging window and per epoch
+//! heldout.txt        the held-out validation sentences, when no --valid file was given
 //! ```
 //!
 //! Every file is written to a temporary name and renamed into place, so a kill at any moment
@@ -30,6 +31,7 @@ pub const LAST_WEIGHTS: &str = "last.safetensors";
 pub const TOKENIZER: &str = "tokenizer.json";
 pub const STATE: &str = "state.json";
 pub const METRICS: &str = "metrics.jsonl";
+pub const HELDOUT: &str = "heldout.txt";
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 pub const LATEST: &str = "LATEST";
 

@@ -278,8 +278,8 @@ pub struct DecodeArgs {
     /// Maximum tokens per sentence [default: the model's training --max-len].
     #[arg(long)]
     pub max_len: Option<usize>,
-    /// Sentences decoded at once.
-    #[arg(long, default_value_t = 256)]
+    /// Sentences decoded at once (one batch of the decoder).
+    #[arg(long, default_value_t = 1024)]
     pub batch_size: usize,
 }
 

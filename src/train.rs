@@ -68,6 +68,8 @@ pub fn default_out_dir(corpus: &Path) -> PathBuf {
 /// Training and validation sentences, tokenized.
 struct Prepared {
     tokenizer: TextTokenizer,
+    /// The held-out sentences when they were split off the corpus (not given by --valid).
+    heldout: Option<Vec<String>>,
     train: Encoded,
     valid: Encoded,
 }
@@ -78,9 +80,13 @@ fn prepare(
     resume_tok: Option<TextTokenizer>,
 ) -> Result<Prepared> {
     let corpus = data::read_corpus(&req.corpus)?;
-    let (train_lines, valid_lines) = match &req.valid {
-        Some(v) => (corpus.lines, data::read_corpus(v)?.lines),
-        None => data::split_valid(&corpus.lines, cfg.valid_share, cfg.seed),
+    let (train_lines, valid_lines, heldout) = match &req.valid {
+        Some(v) => (corpus.lines, data::read_corpus(v)?.lines, None),
+        None => {
+            let (t, v) = data::split_valid(&corpus.lines, cfg.valid_share, cfg.seed);
+            let heldout = Some(v.clone());
+            (t, v, heldout)
+        }
     };
     if corpus.blank_skipped > 0 {
         log(&format!("skipped {} blank lines", corpus.blank_skipped));
@@ -108,6 +114,7 @@ fn prepare(
     ensure!(!valid.seqs.is_empty(), "no usable validation sentences");
     Ok(Prepared {
         tokenizer,
+        heldout,
         train,
         valid,
     })
@@ -209,6 +216,13 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
         };
         ckpt::write_json(&dir.join(ckpt::CONFIG), &config)?;
         prep.tokenizer.save(&dir.join(ckpt::TOKENIZER))?;
+        if let Some(lines) = &prep.heldout {
+            // Kept so that the model can be evaluated on exactly the sentences it never saw.
+            ckpt::write_atomic(
+                &dir.join(ckpt::HELDOUT),
+                (lines.join("\n") + "\n").as_bytes(),
+            )?;
+        }
     }
 
     let params: i64 = vs

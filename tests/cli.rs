@@ -28,9 +28,13 @@ fn train_then_generate_in_a_temp_dir() {
         "tokenizer.json",
         "state.json",
         "metrics.jsonl",
+        "heldout.txt",
     ] {
         assert!(ckpt.join(f).is_file(), "{f} missing");
     }
+    // The held-out sentences are the ones validation used: none of them is trained on.
+    let heldout = read(&ckpt.join("heldout.txt"));
+    assert!(!heldout.trim().is_empty());
     let latest = read(&dir.path().join("checkpoints/LATEST"));
     assert_eq!(Path::new(latest.trim()), ckpt.canonicalize().unwrap());
     let config: serde_json::Value = serde_json::from_str(&read(&ckpt.join("config.json"))).unwrap();
