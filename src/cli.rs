@@ -2,7 +2,7 @@
 //! that tune the model or training are `Option`s laid over the config structs' defaults, so the
 //! defaults live in one place (`config.rs`).
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::checkpoint;
 use crate::config::{KlSchedule, ModelConfig, TrainConfig};
 use crate::data::{self, Corpus};
+use crate::eval;
 use crate::latent::{self, Method};
 use crate::model::Vae;
 use crate::runtime;
@@ -45,6 +46,8 @@ pub enum Command {
     Interpolate(InterpolateArgs),
     /// Write each sentence's posterior mean and log-variance, for use elsewhere.
     Encode(EncodeArgs),
+    /// Evaluate a model on sentences: ELBO, importance-weighted NLL, perplexity, MI, active units.
+    Eval(EvalArgs),
     /// Build a tokenizer alone and save it as JSON.
     Vocab(VocabArgs),
     /// Print versions, CUDA availability, the device `auto` picks and the thread count.
@@ -393,6 +396,23 @@ pub struct EncodeArgs {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Sentences to evaluate, one per line (e.g. the checkpoint's heldout.txt).
+    pub file: PathBuf,
+    /// Importance samples per sentence for the NLL (the literature reports K = 500).
+    #[arg(long, default_value_t = 500)]
+    pub iw_samples: usize,
+    /// Sentences per batch (also the mixture size of MI's aggregate posterior).
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// One JSON object: sentences, tokens, rec, kl, elbo, nll, ppl, mi, au, iw_samples.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct VocabArgs {
     /// Corpus to build the tokenizer from.
     pub corpus: PathBuf,
@@ -419,6 +439,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Reconstruct(a) => run_reconstruct(a),
         Command::Interpolate(a) => run_interpolate(a),
         Command::Encode(a) => run_encode(a),
+        Command::Eval(a) => run_eval(a),
         Command::Vocab(a) => run_vocab(a),
         Command::Info(a) => run_info(a),
     }
@@ -713,6 +734,61 @@ fn run_encode(a: EncodeArgs) -> Result<()> {
             .write_all(text.as_bytes())
             .context("writing to stdout"),
     }
+}
+
+fn run_eval(a: EvalArgs) -> Result<()> {
+    anyhow::ensure!(a.iw_samples >= 1, "--iw-samples must be at least 1");
+    anyhow::ensure!(a.batch_size >= 1, "--batch-size must be positive");
+    let corpus = data::read_corpus(&a.file)?;
+    let (model, device) = a.model.load()?;
+    let seqs = encode_inputs(&model, &corpus)?;
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(seqs.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "eval [{bar:30}] {pos}/{len} sentences ({elapsed}<{eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let r = eval::evaluate(
+        &model.vae,
+        &seqs,
+        a.iw_samples,
+        a.batch_size,
+        device,
+        |done| {
+            if let Some(bar) = &bar {
+                bar.set_position(done as u64);
+            }
+        },
+    );
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{}: {} sentences, {} tokens (</s> counted, <s> not)",
+            a.file.display(),
+            r.sentences,
+            r.tokens
+        );
+        println!("rec  {:.2}  kl {:.2}  elbo {:.2}  nats/sentence (1 sample, beta 1: an upper bound on the NLL)", r.rec, r.kl, r.elbo);
+        println!(
+            "nll  {:.2}  nats/sentence (importance-weighted, K = {})",
+            r.nll, r.iw_samples
+        );
+        println!("ppl  {:.2}", r.ppl);
+        println!("mi   {:.3}", r.mi);
+        println!("au   {}/{}", r.au, model.vae.latent_dim);
+    }
+    Ok(())
 }
 
 fn run_vocab(a: VocabArgs) -> Result<()> {

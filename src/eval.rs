@@ -1,14 +1,19 @@
-//! Evaluation on held-out sentences: reconstruction, KL and the ELBO per sentence (beta = 1, one
-//! reparameterised sample, an upper bound on the NLL), and active units (He et al. 2019: latent
-//! dimension d is active when Cov_x(E_q[z_d]) > 0.01). Training's per-epoch validation calls this
-//! same code.
+//! Evaluation with the protocol of He et al. 2019 (vae-lagging-encoder), reused by Li et al. 2019
+//! and Zhu et al. 2020: reconstruction, KL and the ELBO per sentence (beta = 1, one
+//! reparameterised sample, an upper bound on the NLL); the importance-weighted NLL
+//! log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K with z_k ~ q(z|x);
+//! perplexity exp(total NLL / tokens); the mutual information I_q(x; z) from the aggregate
+//! posterior; and active units (dimension d is active when Cov_x(E_q[z_d]) > 0.01). Training's
+//! per-epoch validation calls `evaluate_elbo`, the same code.
 
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::data::{sorted_batches, Batch};
 use crate::loss::kl_per_dim;
-use crate::model::Vae;
+use crate::model::{reconstruction_nll, Vae};
+
+const LN_2PI: f64 = 1.837_877_066_409_345_3;
 
 /// Threshold on the variance of the posterior mean across sentences for an active unit.
 pub const AU_THRESHOLD: f64 = 0.01;
@@ -71,9 +76,164 @@ pub fn active_units(mu: &Tensor, threshold: f64) -> usize {
     var.gt(threshold).sum(Kind::Int64).int64_value(&[]) as usize
 }
 
+/// log N(x; mu, exp(logvar)) summed over the last dimension, written through the standardised
+/// `eps` = (x - mu) / sigma: -1/2 sum_d (eps_d^2 + logvar_d + ln 2 pi).
+fn log_normal_std(eps: &Tensor, logvar: &Tensor) -> Tensor {
+    (eps.square() + logvar + LN_2PI).sum_dim_intlist([-1].as_slice(), false, Kind::Float) * -0.5
+}
+
+/// Importance-weighted log p(x) for each sentence of `batch`: [B]. The K samples of a sentence
+/// are scored in chunks that keep about `max_tokens` target tokens per decoder pass, so the work
+/// stays in large tensor operations without the [tokens, V] logits outgrowing memory.
+pub fn iw_log_likelihood(vae: &Vae, batch: &Batch, k: usize, max_tokens: usize) -> Tensor {
+    let (mu, logvar) = vae.encoder.forward(&batch.targets, &batch.lengths); // [B, Z]
+    let (b, t) = (batch.size(), batch.targets.size()[1]);
+    let per_pass = (max_tokens as i64 / (b * t).max(1)).max(1);
+    let mut log_w = Vec::new(); // [B, S] each
+    let mut done = 0i64;
+    while done < k as i64 {
+        let s = per_pass.min(k as i64 - done);
+        // [B*S, ...]: the S samples of a sentence are adjacent rows.
+        let mu_r = mu.repeat_interleave_self_int(s, 0, None); // [B*S, Z]
+        let logvar_r = logvar.repeat_interleave_self_int(s, 0, None); // [B*S, Z]
+        let eps = mu_r.randn_like();
+        let z = &mu_r + (&logvar_r * 0.5).exp() * &eps;
+        let inputs = batch.inputs.repeat_interleave_self_int(s, 0, None); // [B*S, T]
+        let targets = batch.targets.repeat_interleave_self_int(s, 0, None); // [B*S, T]
+        let hidden = vae.decoder.hidden(&inputs, &z, false);
+        let log_px_z = -reconstruction_nll(&vae.decoder, &hidden, &targets); // [B*S]
+        let log_pz = log_normal_std(&z, &z.zeros_like()); // [B*S]
+        let log_qz = log_normal_std(&eps, &logvar_r); // [B*S]
+        log_w.push((log_px_z + log_pz - log_qz).view([b, s])); // [B, S]
+        done += s;
+    }
+    Tensor::cat(&log_w, 1).logsumexp([1].as_slice(), false) - (k as f64).ln() // [B]
+}
+
+/// He et al.'s `calc_mi` for one batch of posteriors `mu`, `logvar` [N, Z]:
+/// E_x[-H(q(z|x))] - E_z[log q(z)], with z drawn once from each q(z|x) and the aggregate
+/// posterior q(z) approximated by the mixture of the batch's N posteriors.
+pub fn mutual_information(mu: &Tensor, logvar: &Tensor) -> f64 {
+    let (n, nz) = (mu.size()[0], mu.size()[1]);
+    if n == 0 {
+        return 0.0;
+    }
+    let (mu, logvar) = (mu.to_kind(Kind::Double), logvar.to_kind(Kind::Double));
+    let neg_entropy = ((&logvar + 1.0).sum_dim_intlist([-1].as_slice(), false, Kind::Double)
+        * -0.5
+        - 0.5 * nz as f64 * LN_2PI)
+        .mean(Kind::Double)
+        .double_value(&[]);
+    let z = &mu + (&logvar * 0.5).exp() * mu.randn_like(); // [N, Z]
+    let dev = z.unsqueeze(1) - mu.unsqueeze(0); // [N(z), N(x), Z]
+    let eps = dev / (&logvar * 0.5).exp().unsqueeze(0);
+    let log_density = log_normal_std(&eps, &logvar.unsqueeze(0).expand_as(&eps)); // [N(z), N(x)]
+    let log_qz = log_density.logsumexp([1].as_slice(), false) - (n as f64).ln(); // [N(z)]
+    neg_entropy - log_qz.mean(Kind::Double).double_value(&[])
+}
+
+/// exp(total NLL / tokens), the perplexity of the literature (tokens count `</s>`, not `<s>`).
+pub fn perplexity(total_nll: f64, tokens: usize) -> f64 {
+    if tokens == 0 {
+        return f64::NAN;
+    }
+    (total_nll / tokens as f64).exp()
+}
+
+/// Everything `textvae eval` reports; the JSON keys are the field names.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct EvalReport {
+    pub sentences: usize,
+    pub tokens: usize,
+    pub rec: f64,
+    pub kl: f64,
+    pub elbo: f64,
+    pub nll: f64,
+    pub ppl: f64,
+    pub mi: f64,
+    pub au: usize,
+    pub iw_samples: usize,
+}
+
+/// The full protocol over `seqs`: the ELBO pass (shared with training's validation), then the
+/// importance-weighted NLL with `k` samples and MI, batch by batch. `progress` is called with the
+/// number of sentences done.
+pub fn evaluate(
+    vae: &Vae,
+    seqs: &[Vec<i64>],
+    k: usize,
+    batch_size: usize,
+    device: Device,
+    mut progress: impl FnMut(usize),
+) -> EvalReport {
+    let elbo = evaluate_elbo(vae, seqs, batch_size, device);
+    let (mut nll, mut mi, mut done) = (0.0f64, 0.0f64, 0usize);
+    tch::no_grad(|| {
+        let lengths: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        for idx in sorted_batches(&lengths, batch_size) {
+            let rows: Vec<&[i64]> = idx.iter().map(|&i| seqs[i].as_slice()).collect();
+            let batch = Batch::new(&rows, device);
+            nll -= iw_log_likelihood(vae, &batch, k, 16_384)
+                .sum(Kind::Double)
+                .double_value(&[]);
+            let (mu, logvar) = vae.encoder.forward(&batch.targets, &batch.lengths);
+            // Weighted by batch size, as He et al. average it over their test batches.
+            mi += mutual_information(&mu, &logvar) * idx.len() as f64;
+            done += idx.len();
+            progress(done);
+        }
+    });
+    let n = seqs.len().max(1) as f64;
+    EvalReport {
+        sentences: elbo.sentences,
+        tokens: elbo.tokens,
+        rec: elbo.rec,
+        kl: elbo.kl,
+        elbo: elbo.elbo,
+        nll: nll / n,
+        ppl: perplexity(nll, elbo.tokens),
+        mi: mi / n,
+        au: elbo.au,
+        iw_samples: k,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn perplexity_arithmetic() {
+        // Two sentences of 4 and 6 tokens (with </s>) at 10 and 20 nats: exp(30 / 10).
+        assert!((perplexity(30.0, 10) - 3f64.exp()).abs() < 1e-12);
+        // A uniform model over V tokens has perplexity V.
+        let v: f64 = 1000.0;
+        assert!((perplexity(v.ln() * 57.0, 57) - v).abs() < 1e-9);
+        assert!(perplexity(1.0, 0).is_nan());
+    }
+
+    #[test]
+    fn mutual_information_is_zero_for_an_encoder_that_ignores_its_input() {
+        let _rng = crate::seeded(5);
+        let n = 400;
+        let mu = Tensor::from_slice(&[0.3f32, -0.2, 0.5, 0.0])
+            .view([1, 4])
+            .repeat([n, 1]);
+        let logvar = Tensor::from_slice(&[-0.5f32, 0.1, 0.0, -1.0])
+            .view([1, 4])
+            .repeat([n, 1]);
+        let mi = mutual_information(&mu, &logvar);
+        assert!(mi.abs() < 0.05, "mi {mi}");
+        // Posteriors far apart and narrow: MI approaches its ceiling ln N.
+        let mu = Tensor::arange(n, (Kind::Float, Device::Cpu)).view([n, 1]) * 10.0;
+        let logvar = Tensor::full([n, 1], -4.0, (Kind::Float, Device::Cpu));
+        let mi = mutual_information(&mu, &logvar);
+        assert!(
+            (mi - (n as f64).ln()).abs() < 0.05,
+            "mi {mi} vs ln N {}",
+            (n as f64).ln()
+        );
+    }
 
     #[test]
     fn active_units_counts_the_dimensions_that_vary() {

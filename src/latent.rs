@@ -97,26 +97,48 @@ pub struct Inputs {
 /// convolutional encoder takes any length); both are reported, by line number.
 pub fn prepare_inputs(tok: &TextTokenizer, corpus: &Corpus, max_len: usize) -> Result<Inputs> {
     let mut seqs = Vec::with_capacity(corpus.lines.len());
+    let (mut unknown, mut long) = (Vec::new(), Vec::new());
+    for (line, &number) in corpus.lines.iter().zip(&corpus.line_numbers) {
+        let ids = tok.encode(line)?;
+        if ids.iter().all(|&i| i == UNK) {
+            unknown.push(number);
+        }
+        if ids.len() > max_len {
+            long.push(number);
+        }
+        seqs.push(ids);
+    }
     let mut warnings = Vec::new();
     if corpus.blank_skipped > 0 {
         warnings.push(format!("skipped {} blank lines", corpus.blank_skipped));
     }
-    for (line, &number) in corpus.lines.iter().zip(&corpus.line_numbers) {
-        let ids = tok.encode(line)?;
-        if ids.iter().all(|&i| i == UNK) {
-            warnings.push(format!(
-                "line {number}: every token is unknown to the model"
-            ));
-        }
-        if ids.len() > max_len {
-            warnings.push(format!(
-                "line {number}: {} tokens, longer than the {max_len} the model was trained on; encoded in full",
-                ids.len()
-            ));
-        }
-        seqs.push(ids);
+    if !unknown.is_empty() {
+        warnings.push(format!(
+            "{} sentences made only of tokens unknown to the model, encoded as <unk> ({})",
+            unknown.len(),
+            line_list(&unknown)
+        ));
+    }
+    if !long.is_empty() {
+        warnings.push(format!(
+            "{} sentences longer than the {max_len} tokens the model was trained on, encoded in full ({})",
+            long.len(),
+            line_list(&long)
+        ));
     }
     Ok(Inputs { seqs, warnings })
+}
+
+/// "line 3" / "lines 3, 6, 31 and 12 more".
+fn line_list(numbers: &[usize]) -> String {
+    const SHOWN: usize = 8;
+    let shown: Vec<String> = numbers.iter().take(SHOWN).map(usize::to_string).collect();
+    let more = numbers.len().saturating_sub(SHOWN);
+    match (numbers.len(), more) {
+        (1, _) => format!("line {}", shown[0]),
+        (_, 0) => format!("lines {}", shown.join(", ")),
+        _ => format!("lines {} and {more} more", shown.join(", ")),
+    }
 }
 
 /// Reconstruction quality against the inputs: token accuracy (position-wise over each input's
@@ -221,6 +243,14 @@ mod tests {
         assert!((s.token_accuracy - 9.0 / 12.0).abs() < 1e-12);
         assert!((s.exact_match - 1.0 / 3.0).abs() < 1e-12);
         assert_eq!(score(&[]).token_accuracy, 0.0);
+    }
+
+    #[test]
+    fn line_lists_stay_short() {
+        assert_eq!(line_list(&[3]), "line 3");
+        assert_eq!(line_list(&[3, 6]), "lines 3, 6");
+        let many: Vec<usize> = (1..=20).collect();
+        assert_eq!(line_list(&many), "lines 1, 2, 3, 4, 5, 6, 7, 8 and 12 more");
     }
 
     #[test]

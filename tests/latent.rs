@@ -72,14 +72,10 @@ fn model() -> &'static (tempfile::TempDir, PathBuf) {
 fn run(args: &[&str], stdin: Option<&str>) -> Run {
     let (dir, ckpt) = model();
     let mut all: Vec<&str> = args.to_vec();
-    all.extend_from_slice(&[
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--seed",
-        "1",
-        "--threads",
-        "1",
-    ]);
+    all.extend_from_slice(&["--checkpoint", ckpt.to_str().unwrap(), "--threads", "1"]);
+    if !args.contains(&"--seed") {
+        all.extend_from_slice(&["--seed", "1"]);
+    }
     match stdin {
         None => textvae(dir.path(), &all),
         Some(input) => common::textvae_stdin(dir.path(), &all, input),
@@ -282,12 +278,14 @@ fn bad_latent_inputs_behave_as_documented() {
         out.stderr
     );
     assert!(
-        out.stderr.contains("line 2: every token is unknown"),
+        out.stderr.contains(
+            "1 sentences made only of tokens unknown to the model, encoded as <unk> (line 2)"
+        ),
         "{}",
         out.stderr
     );
     assert!(
-        out.stderr.contains("line 3: 80 tokens, longer than"),
+        out.stderr.contains("1 sentences longer than the 64 tokens the model was trained on, encoded in full (line 3)"),
         "{}",
         out.stderr
     );
@@ -306,4 +304,77 @@ fn bad_latent_inputs_behave_as_documented() {
     run(&["interpolate", "--pairs", bad.to_str().unwrap()], None)
         .fails_with("line 1: expected two sentences");
     assert!(Path::new(&bad).exists());
+}
+
+#[test]
+fn importance_weighted_nll_tightens_the_elbo_bound() {
+    let corpus = common::tiny_corpus();
+    let eval = |k: &str, seed: &str| -> serde_json::Value {
+        let out = run(
+            &[
+                "eval",
+                corpus.to_str().unwrap(),
+                "--json",
+                "--iw-samples",
+                k,
+                "--seed",
+                seed,
+            ],
+            None,
+        );
+        serde_json::from_str(out.ok().stdout.trim()).unwrap()
+    };
+    let ones: Vec<serde_json::Value> = (1..=6).map(|s| eval("1", &s.to_string())).collect();
+    let keys = [
+        "sentences",
+        "tokens",
+        "rec",
+        "kl",
+        "elbo",
+        "nll",
+        "ppl",
+        "mi",
+        "au",
+        "iw_samples",
+    ];
+    let obj = ones[0].as_object().unwrap();
+    assert_eq!(obj.len(), keys.len(), "{obj:?}");
+    for key in keys {
+        assert!(obj.contains_key(key), "--json lacks {key}");
+    }
+    assert_eq!(ones[0]["sentences"], 20);
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+    // PPL is exp(total NLL / tokens).
+    let (n, t) = (f(&ones[0], "sentences"), f(&ones[0], "tokens"));
+    assert!(
+        (f(&ones[0], "ppl") - (f(&ones[0], "nll") * n / t).exp()).abs() < 1e-6 * f(&ones[0], "ppl")
+    );
+
+    // The noise of a one-sample estimate, measured over six seeds.
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let elbos: Vec<f64> = ones.iter().map(|v| f(v, "elbo")).collect();
+    let nll1: Vec<f64> = ones.iter().map(|v| f(v, "nll")).collect();
+    let spread = |xs: &[f64]| {
+        let m = mean(xs);
+        (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len() - 1) as f64).sqrt()
+    };
+    let noise = (spread(&elbos).max(spread(&nll1)) * 3.0).max(0.02);
+    // With K = 1 the importance-weighted estimate is a one-sample ELBO.
+    assert!(
+        (mean(&nll1) - mean(&elbos)).abs() < noise,
+        "K=1 {nll1:?} vs elbo {elbos:?}"
+    );
+    // More samples: a tighter bound, below the ELBO.
+    let nll10 = f(&eval("10", "7"), "nll");
+    let nll100 = f(&eval("100", "8"), "nll");
+    assert!(
+        nll100 <= mean(&elbos) + noise,
+        "K=100 {nll100} vs elbo {}",
+        mean(&elbos)
+    );
+    assert!(
+        nll100 <= nll10 + noise && nll10 <= mean(&nll1) + noise,
+        "{nll100} {nll10} {nll1:?}"
+    );
+    assert!(nll100 > 0.0);
 }

@@ -33,6 +33,7 @@ fn tiny_model() -> ModelConfig {
 /// sentence's identity.
 #[test]
 fn tiny_model_overfits_twenty_sentences() {
+    let _rng = common::rng_lock();
     tch::set_num_threads(1);
     let dir = tempfile::tempdir().unwrap();
     let corpus = common::tiny_corpus();
@@ -82,6 +83,7 @@ fn tiny_model_overfits_twenty_sentences() {
 
 #[test]
 fn save_then_load_gives_identical_logits() {
+    let _rng = common::rng_lock();
     tch::manual_seed(5);
     let dir = tempfile::tempdir().unwrap();
     let lines = data::read_corpus(&common::tiny_corpus()).unwrap().lines;

@@ -117,3 +117,10 @@ pub fn textvae_stdin(dir: &Path, args: &[&str], input: &str) -> Run {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// libtorch's generator is process-wide: tests of one binary that seed it and draw hold this
+/// lock, so a test running in a parallel thread cannot shift their random streams.
+pub fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
