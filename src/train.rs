@@ -199,6 +199,7 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
             ckpt::WEIGHTS,
             ckpt::LAST_WEIGHTS,
             ckpt::STATE,
+            ckpt::HELDOUT,
         ] {
             let p = dir.join(stale);
             if p.exists() {
@@ -234,7 +235,7 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
     let mut shuffle_rng = crate::seeded_rng(train_cfg.seed.wrapping_add(state.epoch as u64));
     let preview = data::bucket_batches(&lengths, train_cfg.batch_size, &mut shuffle_rng);
     log(&format!(
-        "training {} on {}: {} sentences ({} tokens), validation {} sentences; {} tokenizer, {} tokens; {:.1}M parameters; padding {:.1}% of batch positions; device {:?}, {} threads",
+        "training {} on {}: {} sentences ({} tokens), validation {} sentences; {} tokenizer, {} tokens; {:.1}M parameters; padding {:.1}% of batch positions; device {}, {} threads",
         dir.display(),
         req.corpus.display(),
         prep.train.seqs.len(),
@@ -244,7 +245,7 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
         model_cfg.vocab_size,
         params as f64 / 1e6,
         100.0 * data::padding_share(&lengths, &preview),
-        req.device,
+        crate::runtime::device_name(req.device),
         tch::get_num_threads(),
     ));
 
