@@ -232,30 +232,17 @@ fn encode_gives_one_vector_of_the_latent_size_per_input() {
 
 #[test]
 fn decoding_with_a_fixed_seed_is_repeatable() {
-    let a = run(
-        &[
-            "generate",
-            "-n",
-            "5",
-            "--top-k",
-            "5",
-            "--temperature",
-            "0.9",
-        ],
-        None,
-    );
-    let b = run(
-        &[
-            "generate",
-            "-n",
-            "5",
-            "--top-k",
-            "5",
-            "--temperature",
-            "0.9",
-        ],
-        None,
-    );
+    let args = [
+        "generate",
+        "-n",
+        "5",
+        "--top-k",
+        "5",
+        "--temperature",
+        "0.9",
+    ];
+    let a = run(&args, None);
+    let b = run(&args, None);
     assert_eq!(a.ok().stdout, b.ok().stdout);
     let beam = run(&["generate", "-n", "4", "--beam", "3"], None);
     assert_eq!(beam.ok().stdout.lines().count(), 4);
