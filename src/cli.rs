@@ -17,7 +17,7 @@ use crate::eval;
 use crate::latent::{self, Method};
 use crate::model::Vae;
 use crate::runtime;
-use crate::sample::{self, GenerateOptions, Strategy};
+use crate::sample::{self, Decoding, GenerateOptions, Strategy};
 use crate::tokenizer::{TextTokenizer, TokenizerSpec};
 use crate::train::{self, StopReason, TrainRequest};
 use serde_json::json;
@@ -281,6 +281,9 @@ pub struct DecodeArgs {
     /// Maximum tokens per sentence [default: the model's training --max-len].
     #[arg(long)]
     pub max_len: Option<usize>,
+    /// Never repeat an n-gram of this size within a sentence (0 = off; 3 stops greedy loops).
+    #[arg(long, default_value_t = 0)]
+    pub no_repeat_ngram: usize,
     /// Sentences decoded at once (one batch of the decoder).
     #[arg(long, default_value_t = 1024)]
     pub batch_size: usize,
@@ -308,8 +311,13 @@ impl DecodeArgs {
         Ok(())
     }
 
-    pub fn max_len(&self, model: &checkpoint::Loaded) -> usize {
-        self.max_len.unwrap_or(model.config.train.max_len)
+    /// The whole decoding recipe for `model`.
+    pub fn decoding(&self, strategy: Strategy, model: &checkpoint::Loaded) -> Decoding {
+        Decoding {
+            strategy,
+            max_len: self.max_len.unwrap_or(model.config.train.max_len),
+            no_repeat_ngram: self.no_repeat_ngram,
+        }
     }
 }
 
@@ -502,8 +510,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let (model, device) = a.model.load()?;
     let opts = GenerateOptions {
         n: a.n,
-        strategy,
-        max_len: a.decode.max_len(&model),
+        decoding: a.decode.decoding(strategy, &model),
         batch_size: a.decode.batch_size,
     };
     let lines = sample::generate(&model.vae, &model.tokenizer, device, &opts)?;
@@ -565,8 +572,7 @@ fn run_reconstruct(a: ReconstructArgs) -> Result<()> {
     let ids = sample::decode_ids(
         &model.vae,
         &z.to_device(device),
-        strategy,
-        a.decode.max_len(&model),
+        &a.decode.decoding(strategy, &model),
         a.decode.batch_size,
     );
     let mut out = std::io::stdout().lock();
@@ -650,8 +656,7 @@ fn run_interpolate(a: InterpolateArgs) -> Result<()> {
         &model.vae,
         &model.tokenizer,
         &latent::to_tensor(&points, device),
-        strategy,
-        a.decode.max_len(&model),
+        &a.decode.decoding(strategy, &model),
         a.decode.batch_size,
     )?;
     let mut out = std::io::stdout().lock();

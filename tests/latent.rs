@@ -244,6 +244,26 @@ fn decoding_with_a_fixed_seed_is_repeatable() {
     let a = run(&args, None);
     let b = run(&args, None);
     assert_eq!(a.ok().stdout, b.ok().stdout);
+    let blocked = run(
+        &[
+            "generate",
+            "-n",
+            "20",
+            "--temperature",
+            "0",
+            "--no-repeat-ngram",
+            "2",
+        ],
+        None,
+    );
+    for line in blocked.ok().stdout.lines() {
+        let words: Vec<&str> = line.split(' ').collect();
+        let mut seen = std::collections::HashSet::new();
+        assert!(
+            words.windows(2).all(|w| seen.insert(w.to_vec())),
+            "repeated bigram in {line:?}"
+        );
+    }
     let beam = run(&["generate", "-n", "4", "--beam", "3"], None);
     assert_eq!(beam.ok().stdout.lines().count(), 4);
 }
