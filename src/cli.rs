@@ -469,11 +469,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
     };
     // Validate before any slow work; vocab_size is filled in from the tokenizer later.
     req.train.validate()?;
-    ModelConfig {
-        vocab_size: 100,
-        ..req.model.clone()
-    }
-    .validate()?;
+    req.model.validate_shape()?;
     runtime::setup(None, a.threads)?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();

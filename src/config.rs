@@ -43,12 +43,18 @@ impl Default for ModelConfig {
 }
 
 impl ModelConfig {
+    /// Everything, the vocabulary size (known once the tokenizer exists) included.
     pub fn validate(&self) -> Result<()> {
         ensure!(
             self.vocab_size > 4,
             "vocabulary size must exceed the 4 special tokens, got {}",
             self.vocab_size
         );
+        self.validate_shape()
+    }
+
+    /// The user's choices alone: checked before any slow work, when the vocabulary is not known.
+    pub fn validate_shape(&self) -> Result<()> {
         ensure!(
             self.emb_dim > 0,
             "--emb-dim must be positive, got {}",

@@ -193,16 +193,24 @@ pub fn padding_share(lengths: &[usize], batches: &[Vec<usize>]) -> f64 {
     }
 }
 
-/// Batches in corpus order (evaluation): same-length grouping is not needed for correctness,
-/// but sorting by length keeps padding down; results are returned in the original order by the
-/// caller through the index lists.
-pub fn sorted_batches(lengths: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..lengths.len()).collect();
-    order.sort_by_key(|&i| lengths[i]);
-    order
+/// Batches for evaluation and encoding: sentences grouped by length (little padding), each batch
+/// with the indices of its sentences in `seqs`, so callers can put results back in input order.
+pub fn sorted_batches<'a>(
+    seqs: &'a [Vec<i64>],
+    batch_size: usize,
+    device: Device,
+) -> impl Iterator<Item = (Vec<usize>, Batch)> + 'a {
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| seqs[i].len());
+    let chunks: Vec<Vec<usize>> = order
         .chunks(batch_size.max(1))
         .map(|c| c.to_vec())
-        .collect()
+        .collect();
+    chunks.into_iter().map(move |idx| {
+        let rows: Vec<&[i64]> = idx.iter().map(|&i| seqs[i].as_slice()).collect();
+        let batch = Batch::new(&rows, device);
+        (idx, batch)
+    })
 }
 
 #[cfg(test)]

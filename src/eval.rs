@@ -38,12 +38,9 @@ pub fn evaluate_elbo(vae: &Vae, seqs: &[Vec<i64>], batch_size: usize, device: De
         return ElboStats::default();
     }
     tch::no_grad(|| {
-        let lengths: Vec<usize> = seqs.iter().map(Vec::len).collect();
         let (mut rec, mut kl, mut tokens) = (0.0f64, 0.0f64, 0usize);
         let mut mus = Vec::new();
-        for idx in sorted_batches(&lengths, batch_size) {
-            let rows: Vec<&[i64]> = idx.iter().map(|&i| seqs[i].as_slice()).collect();
-            let batch = Batch::new(&rows, device);
+        for (_, batch) in sorted_batches(seqs, batch_size, device) {
             let out = vae.forward(&batch.targets, &batch.lengths, &batch.inputs, false, true);
             rec += out.rec.sum(Kind::Double).double_value(&[]);
             kl += kl_per_dim(&out.mu, &out.logvar)
@@ -85,8 +82,15 @@ fn log_normal_std(eps: &Tensor, logvar: &Tensor) -> Tensor {
 /// Importance-weighted log p(x) for each sentence of `batch`: [B]. The K samples of a sentence
 /// are scored in chunks that keep about `max_tokens` target tokens per decoder pass, so the work
 /// stays in large tensor operations without the [tokens, V] logits outgrowing memory.
-pub fn iw_log_likelihood(vae: &Vae, batch: &Batch, k: usize, max_tokens: usize) -> Tensor {
-    let (mu, logvar) = vae.encoder.forward(&batch.targets, &batch.lengths); // [B, Z]
+/// `mu` and `logvar` [B, Z] are the batch's posterior parameters.
+pub fn iw_log_likelihood(
+    vae: &Vae,
+    batch: &Batch,
+    mu: &Tensor,
+    logvar: &Tensor,
+    k: usize,
+    max_tokens: usize,
+) -> Tensor {
     let (b, t) = (batch.size(), batch.targets.size()[1]);
     let per_pass = (max_tokens as i64 / (b * t).max(1)).max(1);
     let mut log_w = Vec::new(); // [B, S] each
@@ -169,14 +173,11 @@ pub fn evaluate(
     let elbo = evaluate_elbo(vae, seqs, batch_size, device);
     let (mut nll, mut mi, mut done) = (0.0f64, 0.0f64, 0usize);
     tch::no_grad(|| {
-        let lengths: Vec<usize> = seqs.iter().map(Vec::len).collect();
-        for idx in sorted_batches(&lengths, batch_size) {
-            let rows: Vec<&[i64]> = idx.iter().map(|&i| seqs[i].as_slice()).collect();
-            let batch = Batch::new(&rows, device);
-            nll -= iw_log_likelihood(vae, &batch, k, 16_384)
+        for (idx, batch) in sorted_batches(seqs, batch_size, device) {
+            let (mu, logvar) = vae.encoder.forward(&batch.targets, &batch.lengths); // [B, Z]
+            nll -= iw_log_likelihood(vae, &batch, &mu, &logvar, k, 16_384)
                 .sum(Kind::Double)
                 .double_value(&[]);
-            let (mu, logvar) = vae.encoder.forward(&batch.targets, &batch.lengths);
             // Weighted by batch size, as He et al. average it over their test batches.
             mi += mutual_information(&mu, &logvar) * idx.len() as f64;
             done += idx.len();

@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::data::{sorted_batches, Batch, Corpus};
+use crate::data::{sorted_batches, Corpus};
 use crate::model::Vae;
 use crate::tokenizer::{TextTokenizer, EOS, UNK};
 
@@ -69,13 +69,10 @@ pub fn path(a: &[f64], b: &[f64], steps: usize, method: Method) -> Result<Vec<Ve
 /// Posterior means and log-variances of `seqs`, in input order: ([N, Z], [N, Z]) on the CPU.
 pub fn encode(vae: &Vae, seqs: &[Vec<i64>], batch_size: usize, device: Device) -> (Tensor, Tensor) {
     tch::no_grad(|| {
-        let lengths: Vec<usize> = seqs.iter().map(Vec::len).collect();
         let n = seqs.len() as i64;
         let mut mu = Tensor::zeros([n, vae.latent_dim], (Kind::Float, Device::Cpu));
         let mut logvar = Tensor::zeros([n, vae.latent_dim], (Kind::Float, Device::Cpu));
-        for idx in sorted_batches(&lengths, batch_size) {
-            let rows: Vec<&[i64]> = idx.iter().map(|&i| seqs[i].as_slice()).collect();
-            let batch = Batch::new(&rows, device);
+        for (idx, batch) in sorted_batches(seqs, batch_size, device) {
             let (m, lv) = vae.encoder.forward(&batch.targets, &batch.lengths);
             let at = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
             let _ = mu.index_copy_(0, &at, &m.to_device(Device::Cpu));

@@ -17,7 +17,7 @@ use tch::{Device, Kind};
 use crate::checkpoint::{self as ckpt, CheckpointConfig, TrainState};
 use crate::config::{ModelConfig, TrainConfig};
 use crate::data::{self, Batch, Encoded};
-use crate::eval::{evaluate_elbo, ElboStats};
+use crate::eval::{evaluate_elbo, perplexity, ElboStats};
 use crate::loss::{kl_per_dim, kl_term, word_dropout};
 use crate::model::Vae;
 use crate::tokenizer::{TextTokenizer, TokenizerSpec};
@@ -232,8 +232,13 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
         .map(|t| t.numel() as i64)
         .sum();
     let lengths: Vec<usize> = prep.train.seqs.iter().map(Vec::len).collect();
-    let mut shuffle_rng = crate::seeded_rng(train_cfg.seed.wrapping_add(state.epoch as u64));
-    let preview = data::bucket_batches(&lengths, train_cfg.batch_size, &mut shuffle_rng);
+    // Each epoch's shuffle is seeded by the epoch, so a resumed run sees the batches it would
+    // have seen without the interruption.
+    let epoch_batches = |epoch: usize| {
+        let mut rng = crate::seeded_rng(train_cfg.seed.wrapping_add(epoch as u64));
+        data::bucket_batches(&lengths, train_cfg.batch_size, &mut rng)
+    };
+    let preview = epoch_batches(state.epoch);
     log(&format!(
         "training {} on {}: {} sentences ({} tokens), validation {} sentences; {} tokenizer, {} tokens; {:.1}M parameters; padding {:.1}% of batch positions; device {}, {} threads",
         dir.display(),
@@ -258,8 +263,7 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
 
     while state.epoch < train_cfg.epochs {
         let epoch = state.epoch + 1;
-        let mut rng = crate::seeded_rng(train_cfg.seed.wrapping_add(state.epoch as u64));
-        let batches = data::bucket_batches(&lengths, train_cfg.batch_size, &mut rng);
+        let batches = epoch_batches(state.epoch);
         let bar = progress_bar(terminal, batches.len() as u64, epoch);
         let mut window = Window::new();
         let mut interrupted = None;
@@ -338,7 +342,7 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
             last_valid.rec,
             last_valid.kl,
             last_valid.elbo,
-            (last_valid.elbo * last_valid.sentences as f64 / last_valid.tokens.max(1) as f64).exp(),
+            perplexity(last_valid.elbo * last_valid.sentences as f64, last_valid.tokens),
             last_valid.au,
             model_cfg.latent_dim,
             if improved { ", best so far: saved" } else { "" },

@@ -9,34 +9,22 @@ use std::sync::OnceLock;
 use common::{textvae, Run};
 
 /// One model for the whole file: the tiny corpus memorised (word tokenizer, no dropout, small
-/// constant beta, as in tests/model.rs's overfitting test).
+/// constant beta, as in tests/model.rs's overfitting test; the size of `common::TINY_MODEL`).
 fn model() -> &'static (tempfile::TempDir, PathBuf) {
     static MODEL: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     MODEL.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let corpus = common::tiny_corpus();
         let c = corpus.to_str().unwrap();
-        let run = textvae(
+        let run = common::train_tiny(
             dir.path(),
             &[
-                "train",
-                c,
                 "--valid",
                 c,
                 "--out",
                 "m",
                 "--tokenizer",
                 "word",
-                "--emb-dim",
-                "32",
-                "--hidden-dim",
-                "64",
-                "--latent-dim",
-                "8",
-                "--conv-filters",
-                "32",
-                "--batch-size",
-                "4",
                 "--epochs",
                 "100",
                 "--lr",
@@ -55,10 +43,6 @@ fn model() -> &'static (tempfile::TempDir, PathBuf) {
                 "0.2",
                 "--seed",
                 "11",
-                "--threads",
-                "1",
-                "--device",
-                "cpu",
                 "--log-every",
                 "1000",
             ],
