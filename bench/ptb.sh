@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The Penn Treebank benchmark (REFERENCE.md §3, He et al. 2019's protocol): train on ptb.train.txt
-# with ptb.valid.txt for validation and the word tokenizer under a wall-clock budget, then
-# evaluate on ptb.test.txt with K importance samples, and write the results as markdown and JSON
-# under bench/results/.
+# with ptb.valid.txt for validation and `--preset ptb` (word tokenizer, tied embeddings) under a
+# wall-clock budget, then evaluate on ptb.test.txt with K importance samples, and write the
+# results as markdown and JSON, and the training curves as PNG, under bench/results/.
 #
 #   bench/ptb.sh [MINUTES] [extra train flags...]     (MINUTES defaults to 60)
 #
@@ -24,12 +24,13 @@ model="checkpoints/ptb-bench-$stamp"
 results="bench/results"
 mkdir -p "$results"
 start=$(date +%s)
-$bin train "$ptb/ptb.train.txt" --valid "$ptb/ptb.valid.txt" --tokenizer word --max-len 100 \
+$bin train "$ptb/ptb.train.txt" --valid "$ptb/ptb.valid.txt" --preset ptb \
   --max-minutes "$minutes" --out "$model" "$@"
 train_secs=$(( $(date +%s) - start ))
 start=$(date +%s)
 $bin eval "$ptb/ptb.test.txt" --checkpoint "$model" --iw-samples "$k" --seed 1 --json > "$model/test.json"
 eval_secs=$(( $(date +%s) - start ))
+$bin plot --checkpoint "$model" -o "$results/ptb-$stamp.png" > /dev/null
 
 python3 - "$model" "$results/ptb-$stamp" "$minutes" "$train_secs" "$eval_secs" "$*" <<'PY'
 import json, os, platform, statistics, sys
@@ -61,6 +62,7 @@ md = f"""# PTB benchmark {result['date']}
 
 Machine: {result['machine']}. Training budget {minutes} min ({result['steps']} steps, {result['epochs']} epochs,
 median {result['tokens_per_sec_median']:.0f} tokens/s); test evaluation {eval_secs} s. Extra flags: `{extra or 'none'}`.
+Training curves: [ptb-{result['date']}.png](ptb-{result['date']}.png).
 
 | test set | NLL (IW, K={t['iw_samples']}) | PPL | KL | MI | AU | rec | ELBO |
 |---|---|---|---|---|---|---|---|

@@ -11,11 +11,12 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::checkpoint;
-use crate::config::{KlSchedule, ModelConfig, TrainConfig};
+use crate::config::{KlSchedule, ModelConfig, Preset, TrainConfig};
 use crate::data::{self, Corpus};
 use crate::eval;
 use crate::latent::{self, Method};
 use crate::model::Vae;
+use crate::plot;
 use crate::runtime;
 use crate::sample::{self, Decoding, GenerateOptions, Strategy};
 use crate::tokenizer::{TextTokenizer, TokenizerSpec};
@@ -48,6 +49,8 @@ pub enum Command {
     Encode(EncodeArgs),
     /// Evaluate a model on sentences: ELBO, importance-weighted NLL, perplexity, MI, active units.
     Eval(EvalArgs),
+    /// Draw a model's training curves (reconstruction, KL, beta, validation ELBO) as a PNG.
+    Plot(PlotArgs),
     /// Build a tokenizer alone and save it as JSON.
     Vocab(VocabArgs),
     /// Print versions, CUDA availability, the device `auto` picks and the thread count.
@@ -72,9 +75,12 @@ pub struct TrainArgs {
     /// Checkpoint directory [default: checkpoints/<corpus name>].
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// `word`, `bpe`, or a saved tokenizer .json.
-    #[arg(long, default_value = "bpe")]
-    pub tokenizer: String,
+    /// Starting configuration; the flags below override it (`ptb`: see README, Results).
+    #[arg(long, value_enum, default_value = "default")]
+    pub preset: Preset,
+    /// `word`, `bpe`, or a saved tokenizer .json [default: bpe; word with --preset ptb].
+    #[arg(long)]
+    pub tokenizer: Option<String>,
     /// Vocabulary size [default: 8000 for bpe, 20000 for word].
     #[arg(long)]
     pub vocab_size: Option<usize>,
@@ -147,6 +153,10 @@ pub struct TrainArgs {
     pub emb_dropout: Option<f64>,
     #[arg(long)]
     pub out_dropout: Option<f64>,
+    /// Share the decoder's embedding matrix with its output projection (needs emb = hidden
+    /// dim); `--tie-embeddings false` unties a preset that ties.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub tie_embeddings: Option<bool>,
     /// Epochs without validation improvement before the learning rate is halved.
     #[arg(long)]
     pub lr_patience: Option<usize>,
@@ -169,7 +179,7 @@ fn set<T>(slot: &mut T, value: Option<T>) {
 
 impl TrainArgs {
     pub fn model_config(&self) -> ModelConfig {
-        let mut m = ModelConfig::default();
+        let mut m = self.preset.recipe().model;
         set(&mut m.emb_dim, self.emb_dim);
         set(&mut m.hidden_dim, self.hidden_dim);
         set(&mut m.latent_dim, self.latent_dim);
@@ -178,11 +188,12 @@ impl TrainArgs {
         set(&mut m.kernel_widths, self.kernel_widths.clone());
         set(&mut m.emb_dropout, self.emb_dropout);
         set(&mut m.out_dropout, self.out_dropout);
+        set(&mut m.tie_embeddings, self.tie_embeddings);
         m
     }
 
     pub fn train_config(&self) -> TrainConfig {
-        let mut t = TrainConfig::default();
+        let mut t = self.preset.recipe().train;
         set(&mut t.epochs, self.epochs);
         t.max_minutes = self.max_minutes.or(t.max_minutes);
         set(&mut t.batch_size, self.batch_size);
@@ -257,6 +268,16 @@ impl ModelArgs {
         let dir = checkpoint::resolve(self.checkpoint.as_deref())?;
         Ok((checkpoint::load(&dir, device)?, device))
     }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PlotArgs {
+    /// Checkpoint directory [default: the latest trained model].
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Output PNG [default: curves.png in the checkpoint directory].
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
 }
 
 /// How sentences are decoded from z: shared by generate, reconstruct and interpolate.
@@ -448,6 +469,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Interpolate(a) => run_interpolate(a),
         Command::Encode(a) => run_encode(a),
         Command::Eval(a) => run_eval(a),
+        Command::Plot(a) => run_plot(a),
         Command::Vocab(a) => run_vocab(a),
         Command::Info(a) => run_info(a),
     }
@@ -459,7 +481,11 @@ fn run_train(a: TrainArgs) -> Result<()> {
         corpus: a.corpus.clone(),
         valid: a.valid.clone(),
         out: a.out.clone(),
-        tokenizer: a.tokenizer.parse()?,
+        tokenizer: a
+            .tokenizer
+            .as_deref()
+            .unwrap_or(a.preset.recipe().tokenizer)
+            .parse()?,
         vocab_size: a.vocab_size,
         model: a.model_config(),
         train: a.train_config(),
@@ -789,6 +815,25 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         println!("mi   {:.3}", r.mi);
         println!("au   {}/{}", r.au, model.vae.latent_dim);
     }
+    Ok(())
+}
+
+fn run_plot(a: PlotArgs) -> Result<()> {
+    let dir = checkpoint::resolve(a.checkpoint.as_deref())?;
+    let curves = plot::Curves::read(&dir.join(checkpoint::METRICS))?;
+    let out = a.output.unwrap_or_else(|| dir.join("curves.png"));
+    anyhow::ensure!(
+        out.extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("png")),
+        "-o must name a .png file, got {}",
+        out.display()
+    );
+    let name = dir.file_name().map_or_else(
+        || dir.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    plot::draw(&curves, &out, &format!("textvae: {name}"), (1400, 900))?;
+    println!("{}", out.display());
     Ok(())
 }
 

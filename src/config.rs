@@ -24,6 +24,9 @@ pub struct ModelConfig {
     pub emb_dropout: f64,
     /// Dropout on the LSTM outputs before the vocabulary projection (training only).
     pub out_dropout: f64,
+    /// The decoder's output projection reuses its input embedding matrix (Press & Wolf 2017;
+    /// Inan et al. 2017). Needs `emb_dim == hidden_dim`.
+    pub tie_embeddings: bool,
 }
 
 impl Default for ModelConfig {
@@ -38,6 +41,7 @@ impl Default for ModelConfig {
             num_layers: 1,
             emb_dropout: 0.3,
             out_dropout: 0.3,
+            tie_embeddings: false,
         }
     }
 }
@@ -84,6 +88,12 @@ impl ModelConfig {
             !self.kernel_widths.is_empty(),
             "--kernel-widths needs at least one width"
         );
+        ensure!(
+            !self.tie_embeddings || self.emb_dim == self.hidden_dim,
+            "--tie-embeddings needs --emb-dim equal to --hidden-dim, got {} and {}",
+            self.emb_dim,
+            self.hidden_dim
+        );
         for &k in &self.kernel_widths {
             ensure!((1..=16).contains(&k), "kernel width {k} is outside 1..=16");
         }
@@ -94,6 +104,50 @@ impl ModelConfig {
             ensure!((0.0..1.0).contains(&p), "{name} must be in [0, 1), got {p}");
         }
         Ok(())
+    }
+}
+
+/// Named starting points for a run's configuration; the flags a user gives are laid over them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// Byte-level BPE, sentences up to 64 tokens: for a corpus of your own.
+    Default,
+    /// Penn Treebank as the literature evaluates it (REFERENCE §3): word tokenizer, sentences up
+    /// to 100 tokens, tied input/output embeddings, no word dropout; the recipe bench/ptb.sh
+    /// measures.
+    Ptb,
+}
+
+/// What a preset fixes: the tokenizer and both configs.
+pub struct Recipe {
+    pub tokenizer: &'static str,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+}
+
+impl Preset {
+    pub fn recipe(self) -> Recipe {
+        match self {
+            Preset::Default => Recipe {
+                tokenizer: "bpe",
+                model: ModelConfig::default(),
+                train: TrainConfig::default(),
+            },
+            Preset::Ptb => Recipe {
+                tokenizer: "word",
+                model: ModelConfig {
+                    tie_embeddings: true,
+                    ..ModelConfig::default()
+                },
+                // Free bits alone hold the KL here; word dropout cost 3.5 nats of validation
+                // reconstruction after 2 epochs (README, Results).
+                train: TrainConfig {
+                    max_len: 100,
+                    word_dropout: 0.0,
+                    ..TrainConfig::default()
+                },
+            },
+        }
     }
 }
 

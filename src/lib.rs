@@ -10,6 +10,7 @@ pub mod eval;
 pub mod latent;
 pub mod loss;
 pub mod model;
+pub mod plot;
 pub mod runtime;
 pub mod sample;
 pub mod tokenizer;

@@ -83,7 +83,9 @@ pub struct Decoder {
     emb: nn::Embedding,
     init: nn::Linear,
     lstm: nn::LSTM,
-    out: nn::Linear,
+    /// [V, H] when the projection has its own weights; None when it reuses `emb.ws`.
+    out_ws: Option<Tensor>,
+    out_bs: Tensor,
     num_layers: i64,
     hidden_dim: i64,
     emb_dropout: f64,
@@ -92,7 +94,17 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(p: nn::Path, cfg: &ModelConfig) -> Self {
-        let emb = nn::embedding(&p / "emb", cfg.vocab_size, cfg.emb_dim, Default::default());
+        // A tied matrix also scores the output: N(0, 1) entries would start the softmax with
+        // logits of size ~sqrt(H), so it starts small as in Press & Wolf's models.
+        let emb_cfg = nn::EmbeddingConfig {
+            ws_init: if cfg.tie_embeddings {
+                nn::Init::Uniform { lo: -0.1, up: 0.1 }
+            } else {
+                nn::EmbeddingConfig::default().ws_init
+            },
+            ..Default::default()
+        };
+        let emb = nn::embedding(&p / "emb", cfg.vocab_size, cfg.emb_dim, emb_cfg);
         let init = nn::linear(
             &p / "init",
             cfg.latent_dim,
@@ -112,17 +124,30 @@ impl Decoder {
             cfg.hidden_dim,
             rnn_cfg,
         );
-        let out = nn::linear(
-            &p / "out",
-            cfg.hidden_dim,
-            cfg.vocab_size,
-            Default::default(),
+        // Same names, order and initialisation as `nn::linear`, so untied models are unchanged.
+        let out = &p / "out";
+        let bound = 1.0 / (cfg.hidden_dim as f64).sqrt();
+        let out_bs = out.var(
+            "bias",
+            &[cfg.vocab_size],
+            nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
         );
+        let out_ws = (!cfg.tie_embeddings).then(|| {
+            out.var(
+                "weight",
+                &[cfg.vocab_size, cfg.hidden_dim],
+                nn::init::DEFAULT_KAIMING_UNIFORM,
+            )
+        });
         Self {
             emb,
             init,
             lstm,
-            out,
+            out_ws,
+            out_bs,
             num_layers: cfg.num_layers,
             hidden_dim: cfg.hidden_dim,
             emb_dropout: cfg.emb_dropout,
@@ -162,7 +187,8 @@ impl Decoder {
 
     /// Vocabulary logits from hidden states [..., H] -> [..., V].
     pub fn project(&self, hidden: &Tensor) -> Tensor {
-        self.out.forward(hidden)
+        let ws = self.out_ws.as_ref().unwrap_or(&self.emb.ws);
+        hidden.linear(ws, Some(&self.out_bs))
     }
 
     /// One generation step: `tokens` [B] -> (logits [B, V], next state).
@@ -272,6 +298,7 @@ mod tests {
             num_layers: 2,
             emb_dropout: 0.5,
             out_dropout: 0.5,
+            tie_embeddings: false,
         }
     }
 

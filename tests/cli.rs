@@ -97,6 +97,65 @@ fn train_then_generate_in_a_temp_dir() {
     );
     greedy.ok();
     assert_eq!(greedy.stdout.lines().count(), 3);
+
+    // Training curves of the latest model, next to it by default or where -o says.
+    let plot = textvae(dir.path(), &["plot"]);
+    plot.ok();
+    let png = ckpt.canonicalize().unwrap().join("curves.png");
+    assert_eq!(Path::new(plot.stdout.trim()), png);
+    assert_eq!(png_size(&png), (1400, 900));
+    textvae(
+        dir.path(),
+        &["plot", "--checkpoint", "checkpoints/tiny", "-o", "c.png"],
+    )
+    .ok();
+    assert_eq!(png_size(&dir.path().join("c.png")), (1400, 900));
+}
+
+/// Width and height from a PNG's IHDR chunk, after checking the signature.
+fn png_size(path: &Path) -> (u32, u32) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(
+        &bytes[..8],
+        b"\x89PNG\r\n\x1a\n",
+        "{} is not a PNG",
+        path.display()
+    );
+    let be = |i: usize| u32::from_be_bytes(bytes[i..i + 4].try_into().unwrap());
+    (be(16), be(20))
+}
+
+#[test]
+fn ptb_preset_ties_embeddings_and_reads_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = common::tiny_corpus();
+    let mut args = vec!["train", corpus.to_str().unwrap(), "--preset", "ptb"];
+    // The tiny sizes, with hidden = emb as tying needs.
+    for pair in common::TINY_MODEL.chunks(2) {
+        let value = if pair[0] == "--hidden-dim" {
+            "32"
+        } else {
+            pair[1]
+        };
+        args.extend_from_slice(&[pair[0], value]);
+    }
+    args.extend_from_slice(&["--epochs", "1"]);
+    textvae(dir.path(), &args).ok();
+    let config: serde_json::Value =
+        serde_json::from_str(&read(&dir.path().join("checkpoints/tiny/config.json"))).unwrap();
+    assert_eq!(config["tokenizer"], "word");
+    assert_eq!(config["model"]["tie_embeddings"], true);
+    assert_eq!(
+        config["model"]["hidden_dim"], 32,
+        "flags override the preset"
+    );
+    assert_eq!(config["train"]["max_len"], 100);
+    textvae(dir.path(), &["generate", "-n", "2", "--seed", "1"]).ok();
+    args.extend_from_slice(&["--tie-embeddings", "false", "--force"]);
+    textvae(dir.path(), &args).ok();
+    let config: serde_json::Value =
+        serde_json::from_str(&read(&dir.path().join("checkpoints/tiny/config.json"))).unwrap();
+    assert_eq!(config["model"]["tie_embeddings"], false);
 }
 
 #[test]
@@ -217,6 +276,9 @@ fn bad_inputs_fail_cleanly() {
     train(&["few.txt", "--tokenizer", "chars"]).fails_with("--tokenizer must be");
     train(&["few.txt", "--device", "cuda:7"]).fails_with("cuda:7");
     train(&["few.txt", "--threads", "0"]).fails_with("--threads must be positive");
+    train(&["few.txt", "--tie-embeddings", "--hidden-dim", "64"])
+        .fails_with("--tie-embeddings needs --emb-dim equal to --hidden-dim");
+    train(&["few.txt", "--preset", "wiki"]).fails_with("--preset");
 
     textvae(d, &["generate"]).fails_with("no latest model");
     textvae(d, &["generate", "--checkpoint", "nowhere"]).fails_with("does not exist");
@@ -243,6 +305,18 @@ fn bad_inputs_fail_cleanly() {
     let badcfg = copy("badcfg");
     std::fs::write(badcfg.join("config.json"), b"{ nope").unwrap();
     textvae(d, &["generate", "--checkpoint", "badcfg"]).fails_with("unreadable config");
+
+    let nometrics = copy("nometrics");
+    std::fs::remove_file(nometrics.join("metrics.jsonl")).unwrap();
+    textvae(d, &["plot", "--checkpoint", "nometrics"]).fails_with("metrics.jsonl");
+    std::fs::write(nometrics.join("metrics.jsonl"), "{\"kind\":\"train\"}\n").unwrap();
+    textvae(d, &["plot", "--checkpoint", "nometrics"]).fails_with("line 1");
+    textvae(d, &["plot", "--checkpoint", "good", "-o", "c.jpg"]).fails_with(".png");
+    textvae(
+        d,
+        &["plot", "--checkpoint", "good", "-o", "no/such/dir/c.png"],
+    )
+    .fails_with("no/such/dir/c.png");
 
     // A tokenizer built elsewhere does not fit the model.
     let corpus = common::tiny_corpus();

@@ -22,6 +22,7 @@ fn tiny_model() -> ModelConfig {
         conv_filters: 32,
         emb_dropout: 0.0,
         out_dropout: 0.0,
+        tie_embeddings: false,
         ..Default::default()
     }
 }
@@ -83,6 +84,12 @@ fn tiny_model_overfits_twenty_sentences() {
 
 #[test]
 fn save_then_load_gives_identical_logits() {
+    for tie in [false, true] {
+        save_then_load(tie);
+    }
+}
+
+fn save_then_load(tie: bool) {
     let _rng = common::rng_lock();
     tch::manual_seed(5);
     let dir = tempfile::tempdir().unwrap();
@@ -90,8 +97,16 @@ fn save_then_load_gives_identical_logits() {
     let tok = TextTokenizer::train_word(&lines, 1000).unwrap();
     let mut cfg = tiny_model();
     cfg.vocab_size = tok.vocab_size();
+    if tie {
+        cfg.tie_embeddings = true;
+        cfg.hidden_dim = cfg.emb_dim;
+    }
     let vs = nn::VarStore::new(Device::Cpu);
     let vae = Vae::new(vs.root(), &cfg);
+    let names = vs.variables();
+    // Tied: the output projection has a bias of its own and no weight matrix.
+    assert_eq!(names.contains_key("decoder.out.weight"), !tie, "{tie}");
+    assert!(names.contains_key("decoder.out.bias"));
     let config = CheckpointConfig {
         textvae_version: textvae::VERSION.into(),
         libtorch_version: textvae::LIBTORCH_VERSION.into(),
@@ -115,7 +130,18 @@ fn save_then_load_gives_identical_logits() {
     let z = Tensor::randn([5, cfg.latent_dim], (Kind::Float, Device::Cpu));
     let a = vae.logits(&batch.inputs, &z);
     let b = loaded.vae.logits(&batch.inputs, &z);
-    assert!(a.equal(&b), "logits differ after save/load");
+    assert!(a.equal(&b), "logits differ after save/load (tied: {tie})");
+    if tie {
+        // The projection is the embedding matrix: logits = h E^T + b.
+        let h = Tensor::randn([3, cfg.hidden_dim], (Kind::Float, Device::Cpu));
+        let emb = &names["decoder.emb.weight"];
+        let expected = h.matmul(&emb.tr()) + &names["decoder.out.bias"];
+        assert!(loaded
+            .vae
+            .decoder
+            .project(&h)
+            .allclose(&expected, 1e-5, 1e-5, false));
+    }
 }
 
 /// On PTB (read from ../shared, never committed) the word tokenizer keeps every word type of the
