@@ -107,15 +107,37 @@ pub fn top_k_filter(logits: &Tensor, k: i64) -> Tensor {
 /// Keeps, per row [B, V], the most likely tokens up to and including the one at which their
 /// cumulative probability reaches `p`; the rest become -inf. The most likely token always stays.
 pub fn top_p_filter(logits: &Tensor, p: f64) -> Tensor {
-    let (sorted, order) = logits.sort(-1, true); // [B, V] each
-    let probs = sorted.softmax(-1, Kind::Float);
-    let before = probs.cumsum(-1, Kind::Float) - &probs; // mass of strictly more likely tokens
-    let drop = before.ge(p);
-    let kept = sorted.masked_fill(&drop, f64::NEG_INFINITY);
-    logits
-        .full_like(f64::NEG_INFINITY)
-        .scatter(-1, &order, &kept)
+    let v = logits.size()[1];
+    // Sorting the whole vocabulary every step made nucleus sampling 3x slower than plain
+    // sampling; the nucleus of most rows lies within the few hundred most likely tokens, so those
+    // are taken first and only the rows whose nucleus is wider are sorted in full.
+    let k = v.min(NUCLEUS_PREFILTER);
+    let (kept, covered) = nucleus_within(logits, k, p);
+    if k == v || covered.all().int64_value(&[]) != 0 {
+        return kept;
+    }
+    let rows = covered.logical_not().nonzero().squeeze_dim(1); // [R]
+    let (full, _) = nucleus_within(&logits.index_select(0, &rows), v, p); // [R, V]
+    kept.index_copy(0, &rows, &full)
 }
+
+/// The top-p filter computed over each row's `k` most likely tokens, and per row whether those
+/// hold at least `p` of the probability (where they do, the result is exact).
+fn nucleus_within(logits: &Tensor, k: i64, p: f64) -> (Tensor, Tensor) {
+    let log_z = logits.logsumexp([-1i64].as_slice(), true); // [B, 1]
+    let (sorted, order) = logits.topk(k, -1, true, true); // [B, k] each, descending
+    let probs = (&sorted - &log_z).exp(); // [B, k], normalised over all V
+    let covered = probs.sum_dim_intlist(-1, false, Kind::Float).ge(p); // [B]
+    let before = probs.cumsum(-1, Kind::Float) - &probs; // mass of strictly more likely tokens
+    let kept = sorted.masked_fill(&before.ge(p), f64::NEG_INFINITY);
+    let filtered = logits
+        .full_like(f64::NEG_INFINITY)
+        .scatter(-1, &order, &kept);
+    (filtered, covered)
+}
+
+/// Tokens looked at first by `top_p_filter`.
+const NUCLEUS_PREFILTER: i64 = 256;
 
 /// `<pad>` and `<s>` are never targets: forbid them outright rather than trust training.
 fn ban_specials(logits: &Tensor) -> Tensor {
@@ -480,6 +502,14 @@ mod tests {
             .sum(Kind::Int64)
             .int64_value(&[]);
         assert_eq!(kept, 2);
+        // Row 0 has one dominant token (its nucleus lies within the prefilter); row 1 has 1,000
+        // equal tokens, a nucleus wider than the prefilter: p = 0.9 keeps 900 of them.
+        let rows = Tensor::zeros([2, 1000], (Kind::Float, tch::Device::Cpu));
+        let _ = rows.get(0).get(7).fill_(30.0);
+        let kept = top_p_filter(&rows, 0.9)
+            .isfinite()
+            .sum_dim_intlist(-1, false, Kind::Int64);
+        assert_eq!(Vec::<i64>::try_from(kept).unwrap(), vec![1, 900]);
         // A tiny p keeps the most likely token alone.
         let kept = top_p_filter(&probs.log(), 1e-6)
             .isfinite()
