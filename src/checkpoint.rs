@@ -31,6 +31,8 @@ pub const LAST_WEIGHTS: &str = "last.safetensors";
 pub const TOKENIZER: &str = "tokenizer.json";
 pub const STATE: &str = "state.json";
 pub const METRICS: &str = "metrics.jsonl";
+/// Where `textvae plot` draws the curves of METRICS when not told otherwise.
+pub const CURVES: &str = "curves.png";
 pub const HELDOUT: &str = "heldout.txt";
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 pub const LATEST: &str = "LATEST";

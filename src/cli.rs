@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::checkpoint;
-use crate::config::{KlSchedule, ModelConfig, Preset, TrainConfig};
+use crate::config::{KlSchedule, ModelConfig, Preset, Recipe, TrainConfig};
 use crate::data::{self, Corpus};
 use crate::eval;
 use crate::latent::{self, Method};
@@ -178,8 +178,13 @@ fn set<T>(slot: &mut T, value: Option<T>) {
 }
 
 impl TrainArgs {
-    pub fn model_config(&self) -> ModelConfig {
-        let mut m = self.preset.recipe().model;
+    /// The preset's tokenizer and configs with every flag given laid over them.
+    pub fn configs(&self) -> Result<(TokenizerSpec, ModelConfig, TrainConfig)> {
+        let Recipe {
+            tokenizer,
+            model: mut m,
+            train: mut t,
+        } = self.preset.recipe();
         set(&mut m.emb_dim, self.emb_dim);
         set(&mut m.hidden_dim, self.hidden_dim);
         set(&mut m.latent_dim, self.latent_dim);
@@ -189,11 +194,6 @@ impl TrainArgs {
         set(&mut m.emb_dropout, self.emb_dropout);
         set(&mut m.out_dropout, self.out_dropout);
         set(&mut m.tie_embeddings, self.tie_embeddings);
-        m
-    }
-
-    pub fn train_config(&self) -> TrainConfig {
-        let mut t = self.preset.recipe().train;
         set(&mut t.epochs, self.epochs);
         t.max_minutes = self.max_minutes.or(t.max_minutes);
         set(&mut t.batch_size, self.batch_size);
@@ -207,7 +207,8 @@ impl TrainArgs {
         set(&mut t.log_every, self.log_every);
         set(&mut t.lr_patience, self.lr_patience);
         t.kl_schedule = self.kl_schedule(t.kl_schedule);
-        t
+        let spec = self.tokenizer.as_deref().unwrap_or(tokenizer).parse()?;
+        Ok((spec, m, t))
     }
 
     fn kl_schedule(&self, default: KlSchedule) -> KlSchedule {
@@ -477,18 +478,15 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn run_train(a: TrainArgs) -> Result<()> {
     let device = runtime::parse_device(&a.device)?;
+    let (tokenizer, model, train) = a.configs()?;
     let req = TrainRequest {
         corpus: a.corpus.clone(),
         valid: a.valid.clone(),
         out: a.out.clone(),
-        tokenizer: a
-            .tokenizer
-            .as_deref()
-            .unwrap_or(a.preset.recipe().tokenizer)
-            .parse()?,
+        tokenizer,
         vocab_size: a.vocab_size,
-        model: a.model_config(),
-        train: a.train_config(),
+        model,
+        train,
         device,
         resume: a.resume,
         force: a.force,
@@ -821,7 +819,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
 fn run_plot(a: PlotArgs) -> Result<()> {
     let dir = checkpoint::resolve(a.checkpoint.as_deref())?;
     let curves = plot::Curves::read(&dir.join(checkpoint::METRICS))?;
-    let out = a.output.unwrap_or_else(|| dir.join("curves.png"));
+    let out = a.output.unwrap_or_else(|| dir.join(checkpoint::CURVES));
     anyhow::ensure!(
         out.extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("png")),
