@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::checkpoint;
-use crate::config::{KlSchedule, ModelConfig, Preset, Recipe, TrainConfig};
+use crate::config::{KlSchedule, ModelConfig, Preset, Recipe, Selection, TrainConfig};
 use crate::data::{self, Corpus};
 use crate::eval;
 use crate::latent::{self, Method};
@@ -112,9 +112,30 @@ pub struct TrainArgs {
     /// Probability that a decoder input word becomes <unk> while training.
     #[arg(long)]
     pub word_dropout: Option<f64>,
-    /// Free bits per latent dimension in nats (0 = off).
+    /// Free bits per latent dimension in nats (0 = off): dimensions whose batch-mean KL is
+    /// below this cost nothing, so each may hold that much information for free.
     #[arg(long)]
     pub free_bits: Option<f64>,
+    /// The rate z should hold, in nats per sentence (0 = off): the KL term becomes
+    /// max(R, batch-mean KL), so up to R nats of information cost nothing and beyond R cost as in
+    /// the ELBO (a minimum desired rate, Pelsmaeker & Aziz 2020). More rate: better
+    /// reconstruction and interpolation, at some cost in NLL (README: the rate table).
+    #[arg(long)]
+    pub target_kl: Option<f64>,
+    /// Weight of a bag-of-words loss predicting the sentence's words from z (Zhao et al. 2017;
+    /// 0 = off): it makes z carry what the sentence says from the first step. Training only;
+    /// the saved model does not use it.
+    #[arg(long)]
+    pub bow_weight: Option<f64>,
+    /// Autoencoder pretraining (Li et al. 2019): this many steps at beta 0, then the decoder is
+    /// re-initialised and the KL schedule begins (0 = off).
+    #[arg(long)]
+    pub ae_steps: Option<u64>,
+    /// Which weights model.safetensors keeps, judged on the validation sentences every epoch:
+    /// `objective` (the training objective at the final beta), `elbo` (at beta 1, whatever the
+    /// objective), `nll` (importance-weighted, K = 20, up to 500 sentences) or `last`.
+    #[arg(long, value_enum)]
+    pub select: Option<Selection>,
     /// KL annealing schedule.
     #[arg(long, value_enum)]
     pub kl_schedule: Option<ScheduleKind>,
@@ -157,7 +178,19 @@ pub struct TrainArgs {
     /// dim); `--tie-embeddings false` unties a preset that ties.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub tie_embeddings: Option<bool>,
-    /// Epochs without validation improvement before the learning rate is halved.
+    /// The encoder reads tokens through the decoder's input embeddings instead of its own.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub share_embeddings: Option<bool>,
+    /// A skip path from z straight to the output logits of every position (Dieng et al. 2019).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub z_skip: Option<bool>,
+    /// BN-VAE: batch-normalise the posterior means with this fixed scale gamma (0 = off), so
+    /// every dimension's means spread across sentences and E[KL] >= latent dim * gamma^2 / 2
+    /// (Zhu et al. 2020).
+    #[arg(long)]
+    pub bn_gamma: Option<f64>,
+    /// Epochs without improvement of the --select criterion before the learning rate is
+    /// halved, counted once beta has settled.
     #[arg(long)]
     pub lr_patience: Option<usize>,
     /// Steps per log line and metrics record.
@@ -194,6 +227,9 @@ impl TrainArgs {
         set(&mut m.emb_dropout, self.emb_dropout);
         set(&mut m.out_dropout, self.out_dropout);
         set(&mut m.tie_embeddings, self.tie_embeddings);
+        set(&mut m.bn_gamma, self.bn_gamma);
+        set(&mut m.share_embeddings, self.share_embeddings);
+        set(&mut m.z_skip, self.z_skip);
         set(&mut t.epochs, self.epochs);
         t.max_minutes = self.max_minutes.or(t.max_minutes);
         set(&mut t.batch_size, self.batch_size);
@@ -204,6 +240,10 @@ impl TrainArgs {
         set(&mut t.seed, self.seed);
         set(&mut t.word_dropout, self.word_dropout);
         set(&mut t.free_bits, self.free_bits);
+        set(&mut t.target_kl, self.target_kl);
+        set(&mut t.bow_weight, self.bow_weight);
+        set(&mut t.select, self.select);
+        set(&mut t.ae_steps, self.ae_steps);
         set(&mut t.log_every, self.log_every);
         set(&mut t.lr_patience, self.lr_patience);
         t.kl_schedule = self.kl_schedule(t.kl_schedule);
@@ -303,11 +343,12 @@ pub struct DecodeArgs {
     /// Maximum tokens per sentence [default: the model's training --max-len].
     #[arg(long)]
     pub max_len: Option<usize>,
-    /// Never repeat an n-gram of this size within a sentence (0 = off; 3 stops greedy loops).
-    #[arg(long, default_value_t = 0)]
-    pub no_repeat_ngram: usize,
+    /// Never repeat an n-gram of this size within a sentence; 0 = off [default: 4 for greedy
+    /// and beam decoding, which otherwise fall into loops; 0 for sampling].
+    #[arg(long)]
+    pub no_repeat_ngram: Option<usize>,
     /// Sentences decoded at once (one batch of the decoder).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = sample::DECODE_BATCH)]
     pub batch_size: usize,
 }
 
@@ -335,10 +376,10 @@ impl DecodeArgs {
 
     /// The whole decoding recipe for `model`.
     pub fn decoding(&self, strategy: Strategy, model: &checkpoint::Loaded) -> Decoding {
+        let d = Decoding::new(strategy, self.max_len.unwrap_or(model.config.train.max_len));
         Decoding {
-            strategy,
-            max_len: self.max_len.unwrap_or(model.config.train.max_len),
-            no_repeat_ngram: self.no_repeat_ngram,
+            no_repeat_ngram: self.no_repeat_ngram.unwrap_or(d.no_repeat_ngram),
+            ..d
         }
     }
 }
@@ -435,9 +476,14 @@ pub struct EvalArgs {
     /// Sentences per batch (also the mixture size of MI's aggregate posterior).
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
-    /// One JSON object: sentences, tokens, rec, kl, elbo, nll, ppl, mi, au, iw_samples.
+    /// One JSON object: sentences, tokens, rec, kl, elbo, nll, ppl, mi, au, iw_samples,
+    /// rec_acc, rec_exact, rec_bleu.
     #[arg(long)]
     pub json: bool,
+    /// Never repeat an n-gram of this size in the greedy reconstructions (0 = off), as
+    /// `reconstruct --no-repeat-ngram`.
+    #[arg(long, default_value_t = sample::DEFAULT_NO_REPEAT_NGRAM)]
+    pub no_repeat_ngram: usize,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -619,9 +665,10 @@ fn run_reconstruct(a: ReconstructArgs) -> Result<()> {
     if a.score {
         let s = latent::score(&pairs);
         eprintln!(
-            "score: token accuracy {:.4}, exact match {:.4} over {} reconstructions of {} sentences",
+            "score: token accuracy {:.4}, exact match {:.4}, BLEU-4 {:.2} over {} reconstructions of {} sentences",
             s.token_accuracy,
             s.exact_match,
+            s.bleu,
             s.sentences,
             corpus.lines.len()
         );
@@ -780,18 +827,20 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     } else {
         None
     };
-    let r = eval::evaluate(
-        &model.vae,
-        &seqs,
-        a.iw_samples,
-        a.batch_size,
-        device,
-        |done| {
-            if let Some(bar) = &bar {
-                bar.set_position(done as u64);
-            }
+    let opts = eval::EvalOptions {
+        iw_samples: a.iw_samples,
+        batch_size: a.batch_size,
+        decoding: Decoding {
+            no_repeat_ngram: a.no_repeat_ngram,
+            ..Decoding::new(Strategy::Greedy, model.config.train.max_len)
         },
-    );
+        decode_batch: sample::DECODE_BATCH,
+    };
+    let r = eval::evaluate(&model.vae, &seqs, &opts, device, |done| {
+        if let Some(bar) = &bar {
+            bar.set_position(done as u64);
+        }
+    });
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
@@ -812,6 +861,10 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         println!("ppl  {:.2}", r.ppl);
         println!("mi   {:.3}", r.mi);
         println!("au   {}/{}", r.au, model.vae.latent_dim);
+        println!(
+            "reconstruction (greedy from the posterior mean): token accuracy {:.4}, exact match {:.4}, BLEU-4 {:.2}",
+            r.rec_acc, r.rec_exact, r.rec_bleu
+        );
     }
     Ok(())
 }

@@ -3,15 +3,19 @@
 //! reparameterised sample, an upper bound on the NLL); the importance-weighted NLL
 //! log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K with z_k ~ q(z|x);
 //! perplexity exp(total NLL / tokens); the mutual information I_q(x; z) from the aggregate
-//! posterior; and active units (dimension d is active when Cov_x(E_q[z_d]) > 0.01). Training's
-//! per-epoch validation calls `evaluate_elbo`, the same code.
+//! posterior; active units (dimension d is active when Cov_x(E_q[z_d]) > 0.01); and what a user
+//! sees of z: greedy reconstruction from the posterior mean, scored by token accuracy, exact
+//! match and corpus BLEU-4 (REFERENCE §3). Training's per-epoch validation calls
+//! `evaluate_elbo` and `latent::reconstruction_score`, the same code.
 
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::data::{sorted_batches, Batch};
+use crate::latent::reconstruction_score;
 use crate::loss::kl_per_dim;
 use crate::model::{reconstruction_nll, Vae};
+use crate::sample::Decoding;
 
 const LN_2PI: f64 = 1.837_877_066_409_345_3;
 
@@ -30,6 +34,9 @@ pub struct ElboStats {
     /// rec + kl: the negative ELBO per sentence, an upper bound on the NLL.
     pub elbo: f64,
     pub au: usize,
+    /// Mean KL of each latent dimension [Z], for the free-bits-clamped objective.
+    #[serde(skip)]
+    pub kl_dims: Vec<f64>,
 }
 
 /// Scores `seqs` (token ids without `</s>`) in batches of `batch_size`, under no-grad.
@@ -38,19 +45,21 @@ pub fn evaluate_elbo(vae: &Vae, seqs: &[Vec<i64>], batch_size: usize, device: De
         return ElboStats::default();
     }
     tch::no_grad(|| {
-        let (mut rec, mut kl, mut tokens) = (0.0f64, 0.0f64, 0usize);
+        let (mut rec, mut tokens) = (0.0f64, 0usize);
+        let mut kl_dims = Tensor::zeros([vae.latent_dim], (Kind::Double, Device::Cpu));
         let mut mus = Vec::new();
         for (_, batch) in sorted_batches(seqs, batch_size, device) {
             let out = vae.forward(&batch.targets, &batch.lengths, &batch.inputs, false, true);
             rec += out.rec.sum(Kind::Double).double_value(&[]);
-            kl += kl_per_dim(&out.mu, &out.logvar)
-                .sum(Kind::Double)
-                .double_value(&[]);
+            kl_dims += kl_per_dim(&out.mu, &out.logvar)
+                .sum_dim_intlist([0].as_slice(), false, Kind::Double)
+                .to_device(Device::Cpu); // [Z]
             tokens += batch.n_tokens;
             mus.push(out.mu.to_device(Device::Cpu));
         }
         let n = seqs.len() as f64;
-        let (rec, kl) = (rec / n, kl / n);
+        let kl_dims: Vec<f64> = Vec::try_from(kl_dims / n).unwrap_or_default();
+        let (rec, kl) = (rec / n, kl_dims.iter().sum::<f64>());
         ElboStats {
             sentences: seqs.len(),
             tokens,
@@ -58,6 +67,7 @@ pub fn evaluate_elbo(vae: &Vae, seqs: &[Vec<i64>], batch_size: usize, device: De
             kl,
             elbo: rec + kl,
             au: active_units(&Tensor::cat(&mus, 0), AU_THRESHOLD),
+            kl_dims,
         }
     })
 }
@@ -105,13 +115,33 @@ pub fn iw_log_likelihood(
         let inputs = batch.inputs.repeat_interleave_self_int(s, 0, None); // [B*S, T]
         let targets = batch.targets.repeat_interleave_self_int(s, 0, None); // [B*S, T]
         let hidden = vae.decoder.hidden(&inputs, &z, false);
-        let log_px_z = -reconstruction_nll(&vae.decoder, &hidden, &targets); // [B*S]
+        let log_px_z = -reconstruction_nll(&vae.decoder, &hidden, &targets, &z); // [B*S]
         let log_pz = log_normal_std(&z, &z.zeros_like()); // [B*S]
         let log_qz = log_normal_std(&eps, &logvar_r); // [B*S]
         log_w.push((log_px_z + log_pz - log_qz).view([b, s])); // [B, S]
         done += s;
     }
     Tensor::cat(&log_w, 1).logsumexp([1].as_slice(), false) - (k as f64).ln() // [B]
+}
+
+/// Mean importance-weighted NLL per sentence of `seqs` (nats), K samples each, under no-grad.
+pub fn iw_nll(vae: &Vae, seqs: &[Vec<i64>], k: usize, batch_size: usize, device: Device) -> f64 {
+    let mut nll = 0.0f64;
+    tch::no_grad(|| {
+        for (_, batch) in sorted_batches(seqs, batch_size, device) {
+            nll += batch_iw_nll(vae, &batch, k).0;
+        }
+    });
+    nll / seqs.len().max(1) as f64
+}
+
+/// Summed IW-NLL of one batch, with the batch's posterior (`mu`, `logvar` [B, Z]) for MI.
+fn batch_iw_nll(vae: &Vae, batch: &Batch, k: usize) -> (f64, Tensor, Tensor) {
+    let (mu, logvar) = vae.encoder.forward(&batch.targets, &batch.lengths, false); // [B, Z]
+    let nll = -iw_log_likelihood(vae, batch, &mu, &logvar, k, 16_384)
+        .sum(Kind::Double)
+        .double_value(&[]);
+    (nll, mu, logvar)
 }
 
 /// He et al.'s `calc_mi` for one batch of posteriors `mu`, `logvar` [N, Z]:
@@ -157,33 +187,45 @@ pub struct EvalReport {
     pub mi: f64,
     pub au: usize,
     pub iw_samples: usize,
+    /// Greedy reconstruction from the posterior mean, as `textvae reconstruct --score`: token
+    /// accuracy, exact-match rate, corpus BLEU-4 (0-100).
+    pub rec_acc: f64,
+    pub rec_exact: f64,
+    pub rec_bleu: f64,
 }
 
-/// The full protocol over `seqs`: the ELBO pass (shared with training's validation), then the
-/// importance-weighted NLL with `k` samples and MI, batch by batch. `progress` is called with the
-/// number of sentences done.
+/// How `evaluate` runs: importance samples and batch size for the NLL and MI, and how the
+/// reconstructions are decoded (in chunks of `decode_batch`, as `reconstruct` does).
+pub struct EvalOptions {
+    pub iw_samples: usize,
+    pub batch_size: usize,
+    pub decoding: Decoding,
+    pub decode_batch: usize,
+}
+
+/// The full protocol over `seqs`: the ELBO pass (shared with training's validation), the
+/// importance-weighted NLL with K samples and MI batch by batch, then the reconstructions.
+/// `progress` is called with the number of sentences done.
 pub fn evaluate(
     vae: &Vae,
     seqs: &[Vec<i64>],
-    k: usize,
-    batch_size: usize,
+    opts: &EvalOptions,
     device: Device,
     mut progress: impl FnMut(usize),
 ) -> EvalReport {
-    let elbo = evaluate_elbo(vae, seqs, batch_size, device);
+    let elbo = evaluate_elbo(vae, seqs, opts.batch_size, device);
     let (mut nll, mut mi, mut done) = (0.0f64, 0.0f64, 0usize);
     tch::no_grad(|| {
-        for (idx, batch) in sorted_batches(seqs, batch_size, device) {
-            let (mu, logvar) = vae.encoder.forward(&batch.targets, &batch.lengths); // [B, Z]
-            nll -= iw_log_likelihood(vae, &batch, &mu, &logvar, k, 16_384)
-                .sum(Kind::Double)
-                .double_value(&[]);
+        for (idx, batch) in sorted_batches(seqs, opts.batch_size, device) {
+            let (batch_nll, mu, logvar) = batch_iw_nll(vae, &batch, opts.iw_samples);
+            nll += batch_nll;
             // Weighted by batch size, as He et al. average it over their test batches.
             mi += mutual_information(&mu, &logvar) * idx.len() as f64;
             done += idx.len();
             progress(done);
         }
     });
+    let rec = reconstruction_score(vae, seqs, &opts.decoding, opts.decode_batch, device);
     let n = seqs.len().max(1) as f64;
     EvalReport {
         sentences: elbo.sentences,
@@ -195,7 +237,10 @@ pub fn evaluate(
         ppl: perplexity(nll, elbo.tokens),
         mi: mi / n,
         au: elbo.au,
-        iw_samples: k,
+        iw_samples: opts.iw_samples,
+        rec_acc: rec.token_accuracy,
+        rec_exact: rec.exact_match,
+        rec_bleu: rec.bleu,
     }
 }
 

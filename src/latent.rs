@@ -7,6 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::{sorted_batches, Corpus};
 use crate::model::Vae;
+use crate::sample::{decode_ids, Decoding};
 use crate::tokenizer::{TextTokenizer, EOS, UNK};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -73,7 +74,7 @@ pub fn encode(vae: &Vae, seqs: &[Vec<i64>], batch_size: usize, device: Device) -
         let mut mu = Tensor::zeros([n, vae.latent_dim], (Kind::Float, Device::Cpu));
         let mut logvar = Tensor::zeros([n, vae.latent_dim], (Kind::Float, Device::Cpu));
         for (idx, batch) in sorted_batches(seqs, batch_size, device) {
-            let (m, lv) = vae.encoder.forward(&batch.targets, &batch.lengths);
+            let (m, lv) = vae.encoder.forward(&batch.targets, &batch.lengths, false);
             let at = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
             let _ = mu.index_copy_(0, &at, &m.to_device(Device::Cpu));
             let _ = logvar.index_copy_(0, &at, &lv.to_device(Device::Cpu));
@@ -139,12 +140,14 @@ fn line_list(numbers: &[usize]) -> String {
 }
 
 /// Reconstruction quality against the inputs: token accuracy (position-wise over each input's
-/// tokens and its `</s>`) and the share of exact reconstructions.
+/// tokens and its `</s>`), the share of exact reconstructions, and corpus BLEU-4 over the model's
+/// tokens (0-100).
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Score {
     pub sentences: usize,
     pub token_accuracy: f64,
     pub exact_match: f64,
+    pub bleu: f64,
 }
 
 pub fn score(pairs: &[(&[i64], &[i64])]) -> Score {
@@ -165,7 +168,71 @@ pub fn score(pairs: &[(&[i64], &[i64])]) -> Score {
             right as f64 / total as f64
         },
         exact_match: if n == 0 { 0.0 } else { exact as f64 / n as f64 },
+        bleu: corpus_bleu(pairs, 4),
     }
+}
+
+/// Corpus BLEU (Papineni et al. 2002) of hypotheses against one reference each, as
+/// `(reference, hypothesis)` pairs: clipped n-gram precisions for n = 1..=max_n summed over the
+/// corpus, their geometric mean, times the brevity penalty exp(1 - r / c) when the hypotheses
+/// are shorter in total. 0-100; 0 when some order has no match (no smoothing, as sacrebleu's
+/// default corpus score).
+pub fn corpus_bleu(pairs: &[(&[i64], &[i64])], max_n: usize) -> f64 {
+    use std::collections::HashMap;
+    let (mut matches, mut counts) = (vec![0usize; max_n], vec![0usize; max_n]);
+    let (mut ref_len, mut hyp_len) = (0usize, 0usize);
+    for (reference, hypothesis) in pairs {
+        ref_len += reference.len();
+        hyp_len += hypothesis.len();
+        for n in 1..=max_n {
+            let grams = |s: &[i64]| {
+                let mut m: HashMap<Vec<i64>, usize> = HashMap::new();
+                for w in s.windows(n) {
+                    *m.entry(w.to_vec()).or_default() += 1;
+                }
+                m
+            };
+            let r = grams(reference);
+            for (g, c) in grams(hypothesis) {
+                matches[n - 1] += c.min(r.get(&g).copied().unwrap_or(0));
+                counts[n - 1] += c;
+            }
+        }
+    }
+    if hyp_len == 0 || matches.iter().zip(&counts).any(|(&m, &c)| m == 0 || c == 0) {
+        return 0.0;
+    }
+    let log_precision = matches
+        .iter()
+        .zip(&counts)
+        .map(|(&m, &c)| (m as f64 / c as f64).ln())
+        .sum::<f64>()
+        / max_n as f64;
+    let brevity = if hyp_len < ref_len {
+        1.0 - ref_len as f64 / hyp_len as f64
+    } else {
+        0.0
+    };
+    100.0 * (log_precision + brevity).exp()
+}
+
+/// Reconstructs `seqs` as `textvae reconstruct` does by default (z = the posterior mean, decoded
+/// with `decoding` in chunks of `batch_size`) and scores the result against them.
+pub fn reconstruction_score(
+    vae: &Vae,
+    seqs: &[Vec<i64>],
+    decoding: &Decoding,
+    batch_size: usize,
+    device: Device,
+) -> Score {
+    let (mu, _) = encode(vae, seqs, batch_size, device);
+    let outputs = decode_ids(vae, &mu.to_device(device), decoding, batch_size);
+    let pairs: Vec<(&[i64], &[i64])> = seqs
+        .iter()
+        .zip(&outputs)
+        .map(|(x, y)| (x.as_slice(), y.as_slice()))
+        .collect();
+    score(&pairs)
 }
 
 /// Rows of a [N, Z] tensor as vectors.
@@ -240,6 +307,26 @@ mod tests {
         assert!((s.token_accuracy - 9.0 / 12.0).abs() < 1e-12);
         assert!((s.exact_match - 1.0 / 3.0).abs() < 1e-12);
         assert_eq!(score(&[]).token_accuracy, 0.0);
+    }
+
+    #[test]
+    fn bleu_of_the_paper_arithmetic() {
+        let r: &[i64] = &[1, 2, 3, 4, 5, 6];
+        assert!((corpus_bleu(&[(r, r)], 4) - 100.0).abs() < 1e-9);
+        // One substitution in the middle of 6 tokens: precisions 5/6, 3/5, 1/4, 0/3 -> 0.
+        let h: &[i64] = &[1, 2, 3, 9, 5, 6];
+        assert_eq!(corpus_bleu(&[(r, h)], 4), 0.0);
+        // Bigram BLEU of the same: sqrt(5/6 * 3/5) = sqrt(0.5).
+        assert!((corpus_bleu(&[(r, h)], 2) - 100.0 * 0.5f64.sqrt()).abs() < 1e-9);
+        // Clipping: "2 2 2" against "1 2 3" matches one 2, not three.
+        let (a, b): (&[i64], &[i64]) = (&[1, 2, 3], &[2, 2, 2]);
+        assert!((corpus_bleu(&[(a, b)], 1) - 100.0 / 3.0).abs() < 1e-9);
+        // Brevity: a correct prefix of 3 of 6 tokens has precision 1 and BP exp(1 - 2).
+        let short: &[i64] = &[1, 2, 3];
+        assert!((corpus_bleu(&[(r, short)], 2) - 100.0 * (-1f64).exp()).abs() < 1e-9);
+        // Corpus-level: counts add up over sentences before the ratio is taken.
+        let s = score(&[(r, r), (r, h)]);
+        assert!(s.bleu > 0.0 && s.bleu < 100.0, "{}", s.bleu);
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! The objective and the counter-measures to posterior collapse: closed-form Gaussian KL, free
 //! bits (Kingma et al. 2016, per dimension as in Li et al. 2019), KL annealing schedules
 //! (linear, He et al. 2019; logistic, Bowman et al. 2016; cyclical, Fu et al. 2019) and word
-//! dropout (Bowman et al. 2016).
+//! dropout (Bowman et al. 2016); a minimum desired rate in hinge form (Pelsmaeker & Aziz 2020)
+//! and the bag-of-words loss from z (Zhao et al. 2017).
 
 use tch::{Kind, Tensor};
 
 use crate::config::KlSchedule;
-use crate::tokenizer::{PAD, UNK};
+use crate::tokenizer::{EOS, PAD, UNK};
 
 /// KL(N(mu, exp(logvar)) || N(0, I)) per dimension: [B, Z].
 /// KL_d = 1/2 (mu_d^2 + exp(logvar_d) - 1 - logvar_d).
@@ -14,15 +15,50 @@ pub fn kl_per_dim(mu: &Tensor, logvar: &Tensor) -> Tensor {
     (mu.square() + logvar.exp() - 1.0 - logvar) * 0.5
 }
 
-/// The KL term the optimiser sees, for `kl` [B, Z]: sum_d max(lambda, mean_B KL_d). With
-/// lambda = 0 this is the batch mean of the sentence KL. Dimensions below lambda get no gradient,
-/// so the encoder can spend lambda nats per dimension for free.
-pub fn kl_term(kl: &Tensor, free_bits: f64) -> Tensor {
-    let per_dim = kl.mean_dim([0].as_slice(), false, Kind::Float); // [Z]
-    if free_bits > 0.0 {
-        per_dim.clamp_min(free_bits).sum(Kind::Float)
+/// The KL term the optimiser sees, for `kl` [B, Z]: max(target, sum_d max(lambda, mean_B KL_d)).
+/// With lambda = target = 0 this is the batch mean of the sentence KL. Dimensions below lambda get
+/// no gradient, so the encoder can spend lambda nats per dimension for free; below the target
+/// rate the whole term is flat, so z may hold `target` nats at no cost.
+pub fn kl_term(kl: &Tensor, free_bits: f64, target: f64) -> Tensor {
+    kl_term_of_dim_means(
+        &kl.mean_dim([0].as_slice(), false, Kind::Float),
+        free_bits,
+        target,
+    )
+}
+
+/// `kl_term` from the per-dimension means [Z] of the KL, as validation accumulates them.
+pub fn kl_term_of_dim_means(per_dim: &Tensor, free_bits: f64, target: f64) -> Tensor {
+    let per_dim = if free_bits > 0.0 {
+        per_dim.clamp_min(free_bits)
     } else {
-        per_dim.sum(Kind::Float)
+        per_dim.shallow_clone()
+    };
+    let total = per_dim.sum(per_dim.kind());
+    if target > 0.0 {
+        total.clamp_min(target)
+    } else {
+        total
+    }
+}
+
+/// Bag-of-words NLL per sentence (Zhao et al. 2017): -sum_t log p_bow(x_t | z) over the real
+/// tokens of `targets` [B, T] (not `</s>`, which every sentence has), given the bag-of-words
+/// logits [B, V] predicted from z: [B].
+pub fn bow_nll(logits: &Tensor, targets: &Tensor) -> Tensor {
+    let logp = logits.log_softmax(-1, Kind::Float); // [B, V]
+    let real = targets.ne(PAD).logical_and(&targets.ne(EOS)); // [B, T]
+    let ids = targets.masked_fill(&real.logical_not(), 0); // [B, T]
+    let picked = logp.gather(1, &ids, false) * real.to_kind(Kind::Float); // [B, T]
+    -picked.sum_dim_intlist([1].as_slice(), false, Kind::Float)
+}
+
+/// beta at optimisation step `step` of a run whose first `ae_steps` steps pretrain an
+/// autoencoder (beta 0) and whose schedule starts after them.
+pub fn beta_at(schedule: &KlSchedule, ae_steps: u64, step: u64) -> f64 {
+    match step.checked_sub(ae_steps) {
+        Some(s) => schedule.beta(s),
+        None => 0.0,
     }
 }
 
@@ -104,8 +140,38 @@ mod tests {
         assert_eq!(f(&kl_per_dim(&zero, &zero).sum(Kind::Float)), 0.0);
         // Batch of 2, dims with mean KL 0.1 and 2.0.
         let kl = Tensor::from_slice(&[0.0f32, 1.0, 0.2, 3.0]).view([2, 2]);
-        assert!((f(&kl_term(&kl, 0.0)) - 2.1).abs() < 1e-6);
-        assert!((f(&kl_term(&kl, 0.5)) - 2.5).abs() < 1e-6);
+        assert!((f(&kl_term(&kl, 0.0, 0.0)) - 2.1).abs() < 1e-6);
+        assert!((f(&kl_term(&kl, 0.5, 0.0)) - 2.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_target_rate_is_a_floor_on_the_total_with_no_gradient_below_it() {
+        let kl = Tensor::from_slice(&[0.0f32, 1.0, 0.2, 3.0])
+            .view([2, 2])
+            .set_requires_grad(true);
+        // Total 2.1: below a target of 5 the term is 5 and flat; above it, the plain KL.
+        let below = kl_term(&kl, 0.0, 5.0);
+        assert!((f(&below) - 5.0).abs() < 1e-6);
+        below.backward();
+        assert_eq!(f(&kl.grad().abs().sum(Kind::Float)), 0.0);
+        assert!((f(&kl_term(&kl, 0.0, 1.0)) - 2.1).abs() < 1e-6);
+        // Free bits first, then the floor: sum(max(0.5, [0.1, 2.0])) = 2.5, then max(2.2, 2.5).
+        assert!((f(&kl_term(&kl, 0.5, 2.2)) - 2.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn bow_nll_scores_each_real_word_of_the_sentence() {
+        // Vocabulary of 6, uniform logits: each counted word costs ln 6.
+        let logits = Tensor::zeros([2, 6], (Kind::Float, tch::Device::Cpu));
+        let targets = Tensor::from_slice(&[4i64, 5, 5, EOS, 4, EOS, PAD, PAD]).view([2, 4]);
+        let nll = bow_nll(&logits, &targets);
+        let l6 = 6f64.ln();
+        assert!((nll.double_value(&[0]) - 3.0 * l6).abs() < 1e-5);
+        assert!((nll.double_value(&[1]) - l6).abs() < 1e-5);
+        // A peaked prediction of the right words costs less.
+        let peaked = Tensor::from_slice(&[0f32, 0., 0., 0., 5., 5.]).view([1, 6]);
+        let one = targets.narrow(0, 0, 1);
+        assert!(bow_nll(&peaked, &one).double_value(&[0]) < 3.0 * l6 - 1.0);
     }
 
     #[test]
@@ -140,6 +206,13 @@ mod tests {
         assert!((cyc.beta(125) - 0.5).abs() < 1e-12);
 
         assert_eq!(KlSchedule::Constant { beta: 0.3 }.beta(777), 0.3);
+
+        // Autoencoder pretraining: beta 0, then the schedule from its own start.
+        assert_eq!(beta_at(&lin, 40, 0), 0.0);
+        assert_eq!(beta_at(&lin, 40, 39), 0.0);
+        assert!((beta_at(&lin, 40, 40) - 0.1).abs() < 1e-12);
+        assert!((beta_at(&lin, 40, 90) - 0.55).abs() < 1e-12);
+        assert_eq!(beta_at(&lin, 0, 50), lin.beta(50));
     }
 
     #[test]

@@ -6,22 +6,48 @@
 //! through its initial state h0 = tanh(W z) and through z concatenated to every input embedding
 //! (Bowman et al. 2016), so the decoder cannot forget z over a long sentence.
 
-use tch::nn::{self, Module, RNN};
+use tch::nn::{self, Module, ModuleT, RNN};
 use tch::{Kind, Tensor};
 
 use crate::config::ModelConfig;
 use crate::tokenizer::PAD;
 
 pub struct Encoder {
-    emb: nn::Embedding,
+    /// [V, E] token embeddings: the encoder's own, or the decoder's (`share_embeddings`).
+    emb: Tensor,
     convs: Vec<(i64, nn::Conv1D)>,
     mu: nn::Linear,
     logvar: nn::Linear,
+    /// BN-VAE (Zhu et al. 2020): batch normalisation of `mu` with a fixed scale gamma.
+    mu_bn: Option<MuBatchNorm>,
+}
+
+/// Batch normalisation of the posterior means with a fixed scale `gamma` and a learned shift
+/// (Zhu et al. 2020, BN-VAE). Each dimension's means then vary across sentences with variance
+/// gamma^2, so E_x[KL] >= Z gamma^2 / 2: the code cannot collapse, and it is held by what
+/// differs between sentences rather than by noise.
+struct MuBatchNorm {
+    bn: nn::BatchNorm,
+    gamma: f64,
+    beta: Tensor,
+}
+
+impl MuBatchNorm {
+    fn forward(&self, mu: &Tensor, train: bool) -> Tensor {
+        // Batch statistics need two sentences; a lone one uses the running statistics.
+        let train = train && mu.size()[0] > 1;
+        self.bn.forward_t(mu, train) * self.gamma + &self.beta // [B, Z]
+    }
 }
 
 impl Encoder {
     pub fn new(p: nn::Path, cfg: &ModelConfig) -> Self {
         let emb = nn::embedding(&p / "emb", cfg.vocab_size, cfg.emb_dim, Default::default());
+        Self::with_embedding(p, cfg, emb.ws)
+    }
+
+    /// An encoder that reads tokens through the given embedding matrix `emb` [V, E].
+    pub fn with_embedding(p: nn::Path, cfg: &ModelConfig, emb: Tensor) -> Self {
         let convs = cfg
             .kernel_widths
             .iter()
@@ -45,21 +71,35 @@ impl Encoder {
         let features = cfg.conv_filters * cfg.kernel_widths.len() as i64;
         let mu = nn::linear(&p / "mu", features, cfg.latent_dim, Default::default());
         let logvar = nn::linear(&p / "logvar", features, cfg.latent_dim, Default::default());
+        let mu_bn = (cfg.bn_gamma > 0.0).then(|| {
+            let bn_cfg = nn::BatchNormConfig {
+                affine: false,
+                ..Default::default()
+            };
+            MuBatchNorm {
+                bn: nn::batch_norm1d(&p / "mu_bn", cfg.latent_dim, bn_cfg),
+                gamma: cfg.bn_gamma,
+                beta: (&p / "mu_bn").zeros("shift", &[cfg.latent_dim]),
+            }
+        });
         Self {
             emb,
             convs,
             mu,
             logvar,
+            mu_bn,
         }
     }
 
     /// `tokens` [B, T] (padded with `<pad>`), `lengths` [B] -> (`mu`, `logvar`), each [B, Z].
-    pub fn forward(&self, tokens: &Tensor, lengths: &Tensor) -> (Tensor, Tensor) {
+    /// `train` lets batch normalisation of `mu` (BN-VAE) use and update batch statistics.
+    pub fn forward(&self, tokens: &Tensor, lengths: &Tensor, train: bool) -> (Tensor, Tensor) {
         let t = tokens.size()[1];
         let real = tokens.ne(PAD).unsqueeze(-1).to_kind(Kind::Float); // [B, T, 1]
                                                                       // Zeroed pad embeddings make the padded tail look like the zero padding of the wide
                                                                       // convolution, so a sentence's features do not depend on its batch-mates' lengths.
-        let x = (self.emb.forward(tokens) * real).transpose(1, 2); // [B, E, T]
+        let e = Tensor::embedding(&self.emb, tokens, -1, false, false); // [B, T, E]
+        let x = (e * real).transpose(1, 2); // [B, E, T]
         let pooled: Vec<Tensor> = self
             .convs
             .iter()
@@ -75,7 +115,12 @@ impl Encoder {
             })
             .collect();
         let features = Tensor::cat(&pooled, 1); // [B, F * widths]
-        (self.mu.forward(&features), self.logvar.forward(&features))
+        let mu = self.mu.forward(&features);
+        let mu = match &self.mu_bn {
+            Some(bn) => bn.forward(&mu, train),
+            None => mu,
+        };
+        (mu, self.logvar.forward(&features))
     }
 }
 
@@ -86,6 +131,8 @@ pub struct Decoder {
     /// [V, H] when the projection has its own weights; None when it reuses `emb.ws`.
     out_ws: Option<Tensor>,
     out_bs: Tensor,
+    /// [V, Z]: the skip path from z straight to the output logits (`z_skip`).
+    z_out: Option<Tensor>,
     num_layers: i64,
     hidden_dim: i64,
     emb_dropout: f64,
@@ -142,12 +189,20 @@ impl Decoder {
                 nn::init::DEFAULT_KAIMING_UNIFORM,
             )
         });
+        let z_out = cfg.z_skip.then(|| {
+            (&p / "z_out").var(
+                "weight",
+                &[cfg.vocab_size, cfg.latent_dim],
+                nn::init::DEFAULT_KAIMING_UNIFORM,
+            )
+        });
         Self {
             emb,
             init,
             lstm,
             out_ws,
             out_bs,
+            z_out,
             num_layers: cfg.num_layers,
             hidden_dim: cfg.hidden_dim,
             emb_dropout: cfg.emb_dropout,
@@ -185,10 +240,23 @@ impl Decoder {
         out.dropout(self.out_dropout, train)
     }
 
-    /// Vocabulary logits from hidden states [..., H] -> [..., V].
-    pub fn project(&self, hidden: &Tensor) -> Tensor {
+    /// Vocabulary logits from hidden states [..., H] -> [..., V], plus the sentence-level
+    /// logits of z (`z_logits`, broadcast over the leading dimensions) when the model has them.
+    pub fn project(&self, hidden: &Tensor, z_logits: Option<&Tensor>) -> Tensor {
         let ws = self.out_ws.as_ref().unwrap_or(&self.emb.ws);
-        hidden.linear(ws, Some(&self.out_bs))
+        let logits = hidden.linear(ws, Some(&self.out_bs));
+        match z_logits {
+            Some(zl) => logits + zl,
+            None => logits,
+        }
+    }
+
+    /// z [B, Z] -> its contribution to every position's logits [B, V] through the skip path
+    /// (Dieng et al. 2019's generative skip connection, at the output layer): z speaks to the
+    /// choice of words directly instead of only through the LSTM's state, so the decoder
+    /// cannot learn to route around it. None when the model has no skip path.
+    pub fn z_logits(&self, z: &Tensor) -> Option<Tensor> {
+        self.z_out.as_ref().map(|w| z.matmul(&w.tr())) // [B, V]
     }
 
     /// One generation step: `tokens` [B] -> (logits [B, V], next state).
@@ -200,20 +268,29 @@ impl Decoder {
     ) -> (Tensor, nn::LSTMState) {
         let x = self.embed_with_z(&tokens.unsqueeze(1), z, false); // [B, 1, E + Z]
         let (out, state) = self.lstm.seq_init(&x, state); // [B, 1, H]
-        (self.project(&out.squeeze_dim(1)), state)
+        let zl = self.z_logits(z);
+        (self.project(&out.squeeze_dim(1), zl.as_ref()), state)
     }
 }
 
 /// Per-sentence summed negative log-likelihood of `targets` [B, T] given decoder hidden states
-/// [B, T, H]: [B]. Only real tokens are projected onto the vocabulary, so padding costs nothing
-/// (the output softmax is most of the model's compute) and contributes nothing to the loss.
-pub fn reconstruction_nll(decoder: &Decoder, hidden: &Tensor, targets: &Tensor) -> Tensor {
+/// [B, T, H] and the code z [B, Z]: [B]. Only real tokens are projected onto the vocabulary, so
+/// padding costs nothing (the output softmax is most of the model's compute) and contributes
+/// nothing to the loss.
+pub fn reconstruction_nll(
+    decoder: &Decoder,
+    hidden: &Tensor,
+    targets: &Tensor,
+    z: &Tensor,
+) -> Tensor {
     let (b, t) = (targets.size()[0], targets.size()[1]);
     let h_dim = hidden.size()[2];
     let flat_targets = targets.reshape([-1]); // [B*T]
     let idx = flat_targets.ne(PAD).nonzero().squeeze_dim(1); // [N]
     let h = hidden.reshape([-1, h_dim]).index_select(0, &idx); // [N, H]
-    let logits = decoder.project(&h); // [N, V]
+    let sentence = idx.divide_scalar_mode(t, "floor"); // [N]
+    let zl = decoder.z_logits(z).map(|zl| zl.index_select(0, &sentence)); // [N, V]
+    let logits = decoder.project(&h, zl.as_ref()); // [N, V]
     let nll = logits.cross_entropy_loss::<Tensor>(
         &flat_targets.index_select(0, &idx),
         None,
@@ -221,8 +298,39 @@ pub fn reconstruction_nll(decoder: &Decoder, hidden: &Tensor, targets: &Tensor) 
         -100,
         0.0,
     ); // [N]
-    let sentence = idx.divide_scalar_mode(t, "floor"); // [N]
     Tensor::zeros([b], (nll.kind(), nll.device())).index_add(0, &sentence, &nll)
+}
+
+/// The bag-of-words head of Zhao et al. 2017: z -> tanh layer -> logits over the vocabulary
+/// [B, V]. It exists only while training (its weights live under `bow/` in the checkpoint and
+/// the inference model never reads them).
+pub struct BowHead {
+    hidden: nn::Linear,
+    out: nn::Linear,
+}
+
+impl BowHead {
+    pub fn new(p: nn::Path, cfg: &ModelConfig) -> Self {
+        Self {
+            hidden: nn::linear(
+                &p / "hidden",
+                cfg.latent_dim,
+                cfg.hidden_dim,
+                Default::default(),
+            ),
+            out: nn::linear(
+                &p / "out",
+                cfg.hidden_dim,
+                cfg.vocab_size,
+                Default::default(),
+            ),
+        }
+    }
+
+    /// z [B, Z] -> bag-of-words logits [B, V].
+    pub fn forward(&self, z: &Tensor) -> Tensor {
+        self.out.forward(&self.hidden.forward(z).tanh())
+    }
 }
 
 pub struct Vae {
@@ -238,13 +346,25 @@ pub struct VaeOutput {
     /// [B, Z] posterior parameters.
     pub mu: Tensor,
     pub logvar: Tensor,
+    /// [B, Z] the code the decoder was given (a sample of q(z|x), or `mu`).
+    pub z: Tensor,
 }
 
 impl Vae {
     pub fn new(p: nn::Path, cfg: &ModelConfig) -> Self {
+        let (encoder, decoder) = if cfg.share_embeddings {
+            let decoder = Decoder::new(&p / "decoder", cfg);
+            let emb = decoder.emb.ws.shallow_clone();
+            (Encoder::with_embedding(&p / "encoder", cfg, emb), decoder)
+        } else {
+            (
+                Encoder::new(&p / "encoder", cfg),
+                Decoder::new(&p / "decoder", cfg),
+            )
+        };
         Self {
-            encoder: Encoder::new(&p / "encoder", cfg),
-            decoder: Decoder::new(&p / "decoder", cfg),
+            encoder,
+            decoder,
             latent_dim: cfg.latent_dim,
         }
     }
@@ -264,20 +384,22 @@ impl Vae {
         train: bool,
         sample: bool,
     ) -> VaeOutput {
-        let (mu, logvar) = self.encoder.forward(targets, lengths);
+        let (mu, logvar) = self.encoder.forward(targets, lengths, train);
         let z = if sample {
             Self::reparameterize(&mu, &logvar)
         } else {
             mu.shallow_clone()
         };
         let hidden = self.decoder.hidden(inputs, &z, train);
-        let rec = reconstruction_nll(&self.decoder, &hidden, targets);
-        VaeOutput { rec, mu, logvar }
+        let rec = reconstruction_nll(&self.decoder, &hidden, targets, &z);
+        VaeOutput { rec, mu, logvar, z }
     }
 
     /// Full logits [B, T, V] of the decoder for given z: used to compare models exactly.
     pub fn logits(&self, inputs: &Tensor, z: &Tensor) -> Tensor {
-        self.decoder.project(&self.decoder.hidden(inputs, z, false))
+        let zl = self.decoder.z_logits(z).map(|zl| zl.unsqueeze(1)); // [B, 1, V]
+        self.decoder
+            .project(&self.decoder.hidden(inputs, z, false), zl.as_ref())
     }
 }
 
@@ -299,6 +421,9 @@ mod tests {
             emb_dropout: 0.5,
             out_dropout: 0.5,
             tie_embeddings: false,
+            bn_gamma: 0.0,
+            share_embeddings: false,
+            z_skip: true,
         }
     }
 

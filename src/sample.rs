@@ -156,12 +156,40 @@ pub struct Decoding {
     pub no_repeat_ngram: usize,
 }
 
+/// The repeat guard greedy and beam decoding get unless told otherwise: a deterministic decoder
+/// that repeats a 4-gram once is in a loop it cannot leave (a small model's greedy output turns
+/// into `例如在" 选项，例如在" 选项，…` up to the length limit), while an honest sentence rarely
+/// repeats four tokens. Sampling leaves loops by chance and gets no guard.
+pub const DEFAULT_NO_REPEAT_NGRAM: usize = 4;
+
+/// Sentences decoded at once unless told otherwise: `generate -n 1000` is one batch.
+pub const DECODE_BATCH: usize = 1024;
+
+impl Strategy {
+    /// `DEFAULT_NO_REPEAT_NGRAM` for greedy and beam decoding, 0 (off) for sampling.
+    pub fn default_no_repeat_ngram(&self) -> usize {
+        match self {
+            Strategy::Greedy | Strategy::Beam { .. } => DEFAULT_NO_REPEAT_NGRAM,
+            Strategy::Sample { .. } => 0,
+        }
+    }
+}
+
 impl Decoding {
+    /// `strategy` with its default repeat guard.
     pub fn new(strategy: Strategy, max_len: usize) -> Self {
         Self {
             strategy,
             max_len,
+            no_repeat_ngram: strategy.default_no_repeat_ngram(),
+        }
+    }
+
+    /// No repeat guard at all: the model's own distribution, loops included.
+    pub fn unguarded(strategy: Strategy, max_len: usize) -> Self {
+        Self {
             no_repeat_ngram: 0,
+            ..Self::new(strategy, max_len)
         }
     }
 }
@@ -617,7 +645,7 @@ mod tests {
             }
         }
         // The check bites: without blocking, this model does repeat itself.
-        let free = decode_z(&vae, &z, &Decoding::new(Strategy::Greedy, 30));
+        let free = decode_z(&vae, &z, &Decoding::unguarded(Strategy::Greedy, 30));
         let repeats = free
             .iter()
             .filter(|s| {
@@ -628,6 +656,19 @@ mod tests {
         assert!(
             repeats > 0,
             "no repetition to block: the test would prove nothing"
+        );
+        // Greedy is guarded by default, and the default guard stops the loops.
+        let guarded = decode_z(&vae, &z, &Decoding::new(Strategy::Greedy, 30));
+        for s in &guarded {
+            let mut seen = std::collections::HashSet::new();
+            assert!(s
+                .windows(DEFAULT_NO_REPEAT_NGRAM)
+                .all(|w| seen.insert(w.to_vec())));
+        }
+        assert_eq!(
+            Decoding::new(sample(1.0, None, None), 30).no_repeat_ngram,
+            0,
+            "sampling is unguarded by default"
         );
         // And beam 1 is still greedy with blocking on.
         let with = |strategy| Decoding {

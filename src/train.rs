@@ -1,7 +1,9 @@
-//! The training loop: Adam on rec + beta * KL (with free bits and word dropout), gradient-norm
-//! clipping, per-epoch validation with the evaluation code, learning rate halved on a plateau,
-//! best-by-validation weights kept, and atomic checkpoints so a run can be killed at any moment
-//! and resumed.
+//! The training loop: Adam on rec + beta * KL term (free bits, target rate) + the optional
+//! bag-of-words loss, with word dropout and gradient-norm clipping; per-epoch validation with the
+//! evaluation code (ELBO, the training objective at its final beta, greedy reconstruction);
+//! the weights kept by the criterion the user chose; the learning rate halved on a plateau of
+//! that criterion only once beta has settled; atomic checkpoints so a run can be killed at any
+//! moment and resumed.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -15,11 +17,13 @@ use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind};
 
 use crate::checkpoint::{self as ckpt, CheckpointConfig, TrainState};
-use crate::config::{ModelConfig, TrainConfig};
+use crate::config::{ModelConfig, Selection, TrainConfig};
 use crate::data::{self, Batch, Encoded};
-use crate::eval::{evaluate_elbo, perplexity, ElboStats};
-use crate::loss::{kl_per_dim, kl_term, word_dropout};
-use crate::model::Vae;
+use crate::eval::{evaluate_elbo, iw_nll, perplexity, ElboStats};
+use crate::latent::{reconstruction_score, Score};
+use crate::loss::{beta_at, bow_nll, kl_per_dim, kl_term, kl_term_of_dim_means, word_dropout};
+use crate::model::{BowHead, Vae};
+use crate::sample::{Decoding, Strategy, DECODE_BATCH};
 use crate::tokenizer::{TextTokenizer, TokenizerSpec};
 
 /// Everything a training run needs, as the CLI (or a test) states it.
@@ -182,6 +186,7 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
     tch::manual_seed(train_cfg.seed as i64 + state.step as i64);
     let mut vs = nn::VarStore::new(req.device);
     let vae = Vae::new(vs.root(), &model_cfg);
+    let bow = (train_cfg.bow_weight > 0.0).then(|| BowHead::new(vs.root() / "bow", &model_cfg));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     if req.resume {
         vs.load(dir.join(ckpt::LAST_WEIGHTS))
@@ -254,6 +259,26 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
         tch::get_num_threads(),
     ));
 
+    log(&format!(
+        "keeping the weights with the best {} (--select {}); objective rec + beta * KL term{}{}{}",
+        train_cfg.select.describe(),
+        format!("{:?}", train_cfg.select).to_lowercase(),
+        if train_cfg.free_bits > 0.0 {
+            format!(", free bits {} nats/dim", train_cfg.free_bits)
+        } else {
+            String::new()
+        },
+        if train_cfg.target_kl > 0.0 {
+            format!(", target rate {} nats", train_cfg.target_kl)
+        } else {
+            String::new()
+        },
+        if train_cfg.bow_weight > 0.0 {
+            format!(" + {} * bag-of-words loss", train_cfg.bow_weight)
+        } else {
+            String::new()
+        },
+    ));
     let mut opt = nn::Adam::default().build(&vs, state.lr)?;
     let budget = train_cfg.max_minutes.map(|m| m * 60.0);
     let elapsed_before = state.elapsed_secs;
@@ -270,12 +295,25 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
         for idx in &batches {
             let rows: Vec<&[i64]> = idx.iter().map(|&i| prep.train.seqs[i].as_slice()).collect();
             let batch = Batch::new(&rows, req.device);
-            let beta = train_cfg.kl_schedule.beta(state.step);
+            if train_cfg.ae_steps > 0 && state.step == train_cfg.ae_steps {
+                reinit_decoder(&vs, &model_cfg)?;
+                // Adam's moments belong to the old decoder: start them afresh.
+                opt = nn::Adam::default().build(&vs, state.lr)?;
+                log(&format!(
+                    "step {}: autoencoder pretraining done; decoder re-initialised, KL schedule starts",
+                    state.step
+                ));
+            }
+            let beta = beta_at(&train_cfg.kl_schedule, train_cfg.ae_steps, state.step);
             let inputs = word_dropout(&batch.inputs, train_cfg.word_dropout, true);
             let out = vae.forward(&batch.targets, &batch.lengths, &inputs, true, true);
             let kl = kl_per_dim(&out.mu, &out.logvar); // [B, Z]
             let rec = out.rec.mean(Kind::Float);
-            let loss = &rec + beta * kl_term(&kl, train_cfg.free_bits);
+            let mut loss = &rec + beta * kl_term(&kl, train_cfg.free_bits, train_cfg.target_kl);
+            if let Some(bow) = &bow {
+                let bow_loss = bow_nll(&bow.forward(&out.z), &batch.targets).mean(Kind::Float);
+                loss += train_cfg.bow_weight * bow_loss;
+            }
             opt.backward_step_clip_norm(&loss, train_cfg.clip_norm);
             state.step += 1;
             window.add(
@@ -316,18 +354,15 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
         if interrupted.is_none() {
             state.epoch += 1;
         }
-        last_valid = evaluate_elbo(
-            &vae,
-            &prep.valid.seqs,
-            train_cfg.batch_size.max(64),
-            req.device,
-        );
-        let improved = state.best_valid.is_none_or(|b| last_valid.elbo < b - 1e-4);
+        let v = validate(&vae, &prep.valid.seqs, &train_cfg, req.device);
+        let settled = train_cfg.settled_at().is_some_and(|s| state.step >= s);
+        let improved = state.best_valid.is_none_or(|b| v.criterion < b - 1e-4);
         if improved {
-            state.best_valid = Some(last_valid.elbo);
+            state.best_valid = Some(v.criterion);
             state.bad_epochs = 0;
-            ckpt::save_weights(&vs, &dir.join(ckpt::WEIGHTS))?;
-        } else if interrupted.is_none() {
+        } else if interrupted.is_none() && settled {
+            // Before beta settles the objective is still moving under the model's feet: a
+            // plateau then says nothing about the learning rate.
             state.bad_epochs += 1;
             if state.bad_epochs >= train_cfg.lr_patience {
                 state.lr = (state.lr * train_cfg.lr_decay).max(train_cfg.min_lr);
@@ -335,30 +370,22 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
                 state.bad_epochs = 0;
             }
         }
+        let keep = improved || train_cfg.select == Selection::Last;
+        if keep {
+            ckpt::save_weights(&vs, &dir.join(ckpt::WEIGHTS))?;
+        }
         state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
-        log(&format!(
-            "epoch {epoch}{}: valid rec {:.2} kl {:.2} elbo {:.2} (nats/sentence), ppl(elbo) {:.1}, active units {}/{}{}; lr {:.2e}; {:.0}s",
-            if interrupted.is_some() { " (partial)" } else { "" },
-            last_valid.rec,
-            last_valid.kl,
-            last_valid.elbo,
-            perplexity(last_valid.elbo * last_valid.sentences as f64, last_valid.tokens),
-            last_valid.au,
-            model_cfg.latent_dim,
-            if improved { ", best so far: saved" } else { "" },
-            state.lr,
-            state.elapsed_secs,
-        ));
-        ckpt::append_metrics(
-            &dir,
-            &json!({
-                "kind": "epoch", "epoch": epoch, "step": state.step, "lr": state.lr,
-                "partial": interrupted.is_some(),
-                "valid_rec": last_valid.rec, "valid_kl": last_valid.kl,
-                "valid_elbo": last_valid.elbo, "valid_au": last_valid.au,
-                "elapsed_secs": state.elapsed_secs,
-            }),
-        )?;
+        log_epoch(
+            epoch,
+            interrupted.is_some(),
+            &v,
+            &state,
+            &train_cfg,
+            &model_cfg,
+            keep,
+        );
+        ckpt::append_metrics(&dir, &v.record(epoch, &state, interrupted.is_some()))?;
+        last_valid = v.stats;
         ckpt::save_weights(&vs, &dir.join(ckpt::LAST_WEIGHTS))?;
         ckpt::write_json(&dir.join(ckpt::STATE), &state)?;
         // Recorded once a loadable model exists, so `generate` never finds a half-made one.
@@ -380,6 +407,116 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
         valid: last_valid,
         stopped_by,
     })
+}
+
+/// Li et al. 2019's second phase: the decoder's weights are drawn afresh as a new model's would
+/// be, so it learns to read the pretrained encoder's code instead of inheriting an autoencoder's
+/// habits. The encoder, the bag-of-words head and an embedding matrix the encoder shares stay.
+fn reinit_decoder(vs: &nn::VarStore, cfg: &ModelConfig) -> Result<()> {
+    let fresh = nn::VarStore::new(vs.device());
+    let _ = Vae::new(fresh.root(), cfg);
+    let fresh = fresh.variables();
+    tch::no_grad(|| {
+        for (name, mut var) in vs.variables() {
+            let shared = cfg.share_embeddings && name == "decoder.emb.weight";
+            if !name.starts_with("decoder.") || shared {
+                continue;
+            }
+            let new = fresh.get(&name).with_context(|| {
+                format!("re-initialising the decoder: no {name} in a new model")
+            })?;
+            var.copy_(new);
+        }
+        Ok(())
+    })
+}
+
+/// What one epoch's validation measured.
+struct Validation {
+    stats: ElboStats,
+    /// rec + final beta * KL term, as the training objective weighs them.
+    objective: f64,
+    /// The value the selection criterion compares (lower is better).
+    criterion: f64,
+    /// Greedy reconstruction of (up to `RECONSTRUCTED`) validation sentences.
+    rec: Score,
+}
+
+/// Validation sentences decoded each epoch for the reconstruction score: enough to read a
+/// percentage off, few enough to cost a second or two.
+const RECONSTRUCTED: usize = 1000;
+/// Sentences and importance samples of `--select nll`.
+const NLL_SENTENCES: usize = 500;
+const NLL_SAMPLES: usize = 20;
+
+fn validate(vae: &Vae, seqs: &[Vec<i64>], cfg: &TrainConfig, device: Device) -> Validation {
+    let stats = evaluate_elbo(vae, seqs, cfg.batch_size.max(64), device);
+    let kl_dims = tch::Tensor::from_slice(&stats.kl_dims);
+    let kl = kl_term_of_dim_means(&kl_dims, cfg.free_bits, cfg.target_kl).double_value(&[]);
+    let objective = stats.rec + cfg.kl_schedule.final_beta() * kl;
+    let criterion = match cfg.select {
+        Selection::Objective | Selection::Last => objective,
+        Selection::Elbo => stats.elbo,
+        Selection::Nll => {
+            let n = seqs.len().min(NLL_SENTENCES);
+            iw_nll(vae, &seqs[..n], NLL_SAMPLES, cfg.batch_size.max(64), device)
+        }
+    };
+    let decoding = Decoding::new(Strategy::Greedy, cfg.max_len);
+    let n = seqs.len().min(RECONSTRUCTED);
+    let rec = reconstruction_score(vae, &seqs[..n], &decoding, DECODE_BATCH, device);
+    Validation {
+        stats,
+        objective,
+        criterion,
+        rec,
+    }
+}
+
+impl Validation {
+    fn record(&self, epoch: usize, state: &TrainState, partial: bool) -> serde_json::Value {
+        let s = &self.stats;
+        json!({
+            "kind": "epoch", "epoch": epoch, "step": state.step, "lr": state.lr,
+            "partial": partial,
+            "valid_rec": s.rec, "valid_kl": s.kl, "valid_elbo": s.elbo, "valid_au": s.au,
+            "valid_objective": self.objective, "valid_criterion": self.criterion,
+            "valid_rec_acc": self.rec.token_accuracy, "valid_rec_exact": self.rec.exact_match,
+            "valid_rec_bleu": self.rec.bleu,
+            "elapsed_secs": state.elapsed_secs,
+        })
+    }
+}
+
+fn log_epoch(
+    epoch: usize,
+    partial: bool,
+    v: &Validation,
+    state: &TrainState,
+    train_cfg: &TrainConfig,
+    model_cfg: &ModelConfig,
+    kept: bool,
+) {
+    let s = &v.stats;
+    log(&format!(
+        "epoch {epoch}{}: valid rec {:.2} kl {:.2} elbo {:.2} (nats/sentence), ppl(elbo) {:.1}, active units {}/{}; greedy reconstruction of {} sentences: token accuracy {:.3}, exact {:.3}, BLEU {:.1}; {} {:.2}{}; lr {:.2e}; {:.0}s",
+        if partial { " (partial)" } else { "" },
+        s.rec,
+        s.kl,
+        s.elbo,
+        perplexity(s.elbo * s.sentences as f64, s.tokens),
+        s.au,
+        model_cfg.latent_dim,
+        v.rec.sentences,
+        v.rec.token_accuracy,
+        v.rec.exact_match,
+        v.rec.bleu,
+        train_cfg.select.describe(),
+        v.criterion,
+        if kept { ": saved" } else { "" },
+        state.lr,
+        state.elapsed_secs,
+    ));
 }
 
 fn progress_bar(terminal: bool, len: u64, epoch: usize) -> Option<ProgressBar> {

@@ -297,6 +297,45 @@ fn bad_latent_inputs_behave_as_documented() {
     assert!(Path::new(&bad).exists());
 }
 
+/// `eval` and `reconstruct --score` report the same reconstruction: greedy from the posterior
+/// mean, the default repeat guard, the same scoring code.
+#[test]
+fn eval_reports_the_reconstruction_that_reconstruct_scores() {
+    let corpus = common::tiny_corpus();
+    let c = corpus.to_str().unwrap();
+    let ev = run(&["eval", c, "--json", "--iw-samples", "2"], None);
+    let v: serde_json::Value = serde_json::from_str(ev.ok().stdout.trim()).unwrap();
+    let rec = run(&["reconstruct", c, "--score"], None);
+    let line = rec
+        .ok()
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("score:"))
+        .unwrap_or_else(|| panic!("no score line:\n{}", rec.stderr))
+        .to_string();
+    // "score: token accuracy A, exact match E, BLEU-4 B over ..."
+    let number_after = |key: &str| -> f64 {
+        let rest = &line[line.find(key).unwrap() + key.len()..];
+        let tok = rest.split([',', ' ']).find(|t| !t.is_empty()).unwrap();
+        tok.parse().unwrap()
+    };
+    let f = |k: &str| v[k].as_f64().unwrap();
+    assert!(
+        (f("rec_acc") - number_after("token accuracy")).abs() < 6e-5,
+        "{line} vs {v}"
+    );
+    assert!(
+        (f("rec_exact") - number_after("exact match")).abs() < 6e-5,
+        "{line} vs {v}"
+    );
+    assert!(
+        (f("rec_bleu") - number_after("BLEU-4")).abs() < 6e-3,
+        "{line} vs {v}"
+    );
+    // The memorised corpus comes back nearly whole, so the figures are not vacuous.
+    assert!(f("rec_acc") > 0.9 && f("rec_bleu") > 80.0, "{v}");
+}
+
 #[test]
 fn importance_weighted_nll_tightens_the_elbo_bound() {
     let corpus = common::tiny_corpus();
@@ -327,6 +366,9 @@ fn importance_weighted_nll_tightens_the_elbo_bound() {
         "mi",
         "au",
         "iw_samples",
+        "rec_acc",
+        "rec_exact",
+        "rec_bleu",
     ];
     let obj = ones[0].as_object().unwrap();
     assert_eq!(obj.len(), keys.len(), "{obj:?}");

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Does z carry the sentence? Trains `textvae train` (defaults, or the flags given) on the English
+# Tatoeba sentences less every 89th line (the file is sorted by length, so `awk 'NR % 89'` holds
+# out 310 sentences of every length), for MINUTES on this machine; then, on the 310 unseen
+# sentences: `eval` with K importance samples (NLL, KL, MI, AU, greedy reconstruction accuracy,
+# exact match, BLEU-4), and two interpolations. Writes markdown and JSON under bench/results/.
+#
+#   bench/tatoeba.sh [MINUTES] [train flags...]     (MINUTES defaults to 10)
+#
+# TATOEBA (default ../shared/corpora/en/tatoeba_eng.txt) is the corpus; IW_SAMPLES (default 50)
+# sets K; NAME (default tatoeba) prefixes the result files.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+minutes="${1:-10}"
+shift || true
+corpus="${TATOEBA:-../shared/corpora/en/tatoeba_eng.txt}"
+k="${IW_SAMPLES:-50}"
+name="${NAME:-tatoeba}"
+[ -f "$corpus" ] || { echo "bench/tatoeba.sh: $corpus not found (set TATOEBA)" >&2; exit 1; }
+scripts/setup
+bin=$PWD/target/release/textvae
+stamp=$(date -u +%Y%m%dT%H%MZ)
+work="checkpoints/$name-bench-$stamp"
+mkdir -p "$work" bench/results
+# The corpus starts with a byte-order mark; the reader strips it.
+awk 'NR % 89' "$corpus" > "$work/train.txt"
+awk 'NR % 89 == 0' "$corpus" > "$work/unseen.txt"
+start=$(date +%s)
+$bin train "$work/train.txt" --out "$work/model" --max-minutes "$minutes" "$@"
+train_secs=$(( $(date +%s) - start ))
+m=(--checkpoint "$work/model" --seed 1)
+$bin eval "$work/unseen.txt" "${m[@]}" --iw-samples "$k" --json > "$work/unseen.json"
+$bin reconstruct "$work/unseen.txt" "${m[@]}" > "$work/reconstructions.tsv"
+{
+  $bin interpolate "Grab Tom." "I'm sober." --steps 8 "${m[@]}"
+  echo
+  $bin interpolate "Tom has known Mary since childhood." "Where is the nearest bank?" --steps 8 "${m[@]}"
+} > "$work/interpolations.txt"
+python3 - "$work" "bench/results/$name-$stamp" "$minutes" "$train_secs" "$*" <<'PY'
+import json, os, statistics, sys
+work, out, minutes, train_secs, extra = sys.argv[1:]
+model = os.path.join(work, "model")
+t = json.load(open(os.path.join(work, "unseen.json")))
+state = json.load(open(os.path.join(model, "state.json")))
+records = [json.loads(l) for l in open(os.path.join(model, "metrics.jsonl"))]
+speeds = [r["tokens_per_sec"] for r in records if r["kind"] == "train"]
+walks = open(os.path.join(work, "interpolations.txt")).read().strip().split("\n\n")
+distinct = [len(set(w.splitlines())) for w in walks]
+recs = [l.rstrip("\n").split("\t") for l in open(os.path.join(work, "reconstructions.tsv"))]
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+result = {
+    "date": out.rsplit("-", 1)[-1], "machine": f"{cpu}, {os.cpu_count()} cores",
+    "budget_minutes": float(minutes), "train_seconds": int(train_secs), "train_flags": extra,
+    "steps": state["step"], "epochs": state["epoch"],
+    "tokens_per_sec_median": statistics.median(speeds) if speeds else None,
+    "unseen": t, "interpolation_distinct_lines": distinct,
+    "config": json.load(open(os.path.join(model, "config.json"))),
+}
+json.dump(result, open(out + ".json", "w"), indent=2)
+sample = "\n".join(f"| {a} | {b} |" for a, b in recs[::31])
+md = f"""# Tatoeba reconstruction benchmark {result['date']}
+
+Machine: {result['machine']}. `textvae train` {('`' + extra + '`') if extra else 'with no flags'}, {minutes} min
+({result['steps']} steps, {result['epochs']} epochs, median {result['tokens_per_sec_median']:.0f} tokens/s).
+310 unseen sentences (every 89th line of tatoeba_eng.txt):
+
+| NLL (IW, K={t['iw_samples']}) | KL | MI | AU | rec | ELBO | token accuracy | exact match | BLEU-4 |
+|---|---|---|---|---|---|---|---|---|
+| {t['nll']:.2f} | {t['kl']:.2f} | {t['mi']:.2f} | {t['au']} | {t['rec']:.2f} | {t['elbo']:.2f} | {t['rec_acc']:.3f} | {t['rec_exact']:.3f} | {t['rec_bleu']:.1f} |
+
+Greedy reconstructions (every 31st unseen sentence):
+
+| input | reconstruction |
+|---|---|
+{sample}
+
+Interpolations (`--steps 8`, greedy; distinct lines: {distinct}):
+
+```
+{chr(10).join(walks[0].splitlines())}
+
+{chr(10).join(walks[1].splitlines())}
+```
+"""
+open(out + ".md", "w").write(md)
+print(md)
+PY
