@@ -2,10 +2,10 @@
 //!
 //! ```text
 //! config.json        model + training config, tokenizer kind, textvae and libtorch versions
-//! model.safetensors  weights with the best validation loss
+//! model.safetensors  weights kept by the selection criterion (`--select`)
 //! last.safetensors   weights at the end of the last epoch (what --resume continues from)
 //! tokenizer.json     the tokenizer trained with the model
-//! state.json         epoch, step, best validation loss, learning rate
+//! state.json         epoch, step, best value of that criterion, learning rate
 //! metrics.jsonl      one JSON record per logging window and per epoch
 //! heldout.txt        the held-out validation sentences, when no --valid file was given
 //! ```
@@ -54,7 +54,7 @@ pub struct TrainState {
     pub step: u64,
     pub best_valid: Option<f64>,
     pub lr: f64,
-    /// Epochs since the validation loss last improved.
+    /// Epochs since the selection criterion last improved.
     pub bad_epochs: usize,
     pub elapsed_secs: f64,
 }

@@ -305,15 +305,7 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
                 ));
             }
             let beta = beta_at(&train_cfg.kl_schedule, train_cfg.ae_steps, state.step);
-            let inputs = word_dropout(&batch.inputs, train_cfg.word_dropout, true);
-            let out = vae.forward(&batch.targets, &batch.lengths, &inputs, true, true);
-            let kl = kl_per_dim(&out.mu, &out.logvar); // [B, Z]
-            let rec = out.rec.mean(Kind::Float);
-            let mut loss = &rec + beta * kl_term(&kl, train_cfg.free_bits, train_cfg.target_kl);
-            if let Some(bow) = &bow {
-                let bow_loss = bow_nll(&bow.forward(&out.z), &batch.targets).mean(Kind::Float);
-                loss += train_cfg.bow_weight * bow_loss;
-            }
+            let (loss, rec, kl) = batch_loss(&vae, bow.as_ref(), &batch, &train_cfg, beta);
             opt.backward_step_clip_norm(&loss, train_cfg.clip_norm);
             state.step += 1;
             window.add(
@@ -407,6 +399,28 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
         valid: last_valid,
         stopped_by,
     })
+}
+
+/// The training objective on one batch at `beta`: (loss, mean reconstruction NLL, KL per
+/// dimension [B, Z]). Word dropout on the decoder inputs, one sample of z, the KL term with free
+/// bits and the target rate, and the bag-of-words loss when there is a head for it.
+fn batch_loss(
+    vae: &Vae,
+    bow: Option<&BowHead>,
+    batch: &Batch,
+    cfg: &TrainConfig,
+    beta: f64,
+) -> (tch::Tensor, tch::Tensor, tch::Tensor) {
+    let inputs = word_dropout(&batch.inputs, cfg.word_dropout, true);
+    let out = vae.forward(&batch.targets, &batch.lengths, &inputs, true, true);
+    let kl = kl_per_dim(&out.mu, &out.logvar); // [B, Z]
+    let rec = out.rec.mean(Kind::Float);
+    let mut loss = &rec + beta * kl_term(&kl, cfg.free_bits, cfg.target_kl);
+    if let Some(bow) = bow {
+        let bow_loss = bow_nll(&bow.forward(&out.z), &batch.targets).mean(Kind::Float);
+        loss += cfg.bow_weight * bow_loss;
+    }
+    (loss, rec, kl)
 }
 
 /// Li et al. 2019's second phase: the decoder's weights are drawn afresh as a new model's would
