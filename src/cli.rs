@@ -113,13 +113,15 @@ pub struct TrainArgs {
     #[arg(long)]
     pub word_dropout: Option<f64>,
     /// Free bits per latent dimension in nats (0 = off): dimensions whose batch-mean KL is
-    /// below this cost nothing, so each may hold that much information for free.
+    /// below this cost nothing, so each may hold that much information for free [default: 0;
+    /// 0.15 with --preset ptb].
     #[arg(long)]
     pub free_bits: Option<f64>,
     /// The rate z should hold, in nats per sentence (0 = off): the KL term becomes
     /// max(R, batch-mean KL), so up to R nats of information cost nothing and beyond R cost as in
     /// the ELBO (a minimum desired rate, Pelsmaeker & Aziz 2020). More rate: better
-    /// reconstruction and interpolation, at some cost in NLL (README: the rate table).
+    /// reconstruction and interpolation, at some cost in NLL (README: the rate table)
+    /// [default: 10; 0 with --preset ptb].
     #[arg(long)]
     pub target_kl: Option<f64>,
     /// Weight of a bag-of-words loss predicting the sentence's words from z (Zhao et al. 2017;
@@ -133,7 +135,8 @@ pub struct TrainArgs {
     pub ae_steps: Option<u64>,
     /// Which weights model.safetensors keeps, judged on the validation sentences every epoch:
     /// `objective` (the training objective at the final beta), `elbo` (at beta 1, whatever the
-    /// objective), `nll` (importance-weighted, K = 20, up to 500 sentences) or `last`.
+    /// objective), `nll` (importance-weighted, K = 20, up to 500 sentences) or `last`
+    /// [default: objective].
     #[arg(long, value_enum)]
     pub select: Option<Selection>,
     /// KL annealing schedule.
@@ -178,10 +181,12 @@ pub struct TrainArgs {
     /// dim); `--tie-embeddings false` unties a preset that ties.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub tie_embeddings: Option<bool>,
-    /// The encoder reads tokens through the decoder's input embeddings instead of its own.
+    /// The encoder reads tokens through the decoder's input embeddings instead of its own
+    /// [default: true; false with --preset ptb].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub share_embeddings: Option<bool>,
-    /// A skip path from z straight to the output logits of every position (Dieng et al. 2019).
+    /// A skip path from z straight to the output logits of every position (Dieng et al. 2019)
+    /// [default: true; false with --preset ptb].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub z_skip: Option<bool>,
     /// BN-VAE: batch-normalise the posterior means with this fixed scale gamma (0 = off), so
