@@ -259,17 +259,19 @@ impl Decoder {
         self.z_out.as_ref().map(|w| z.matmul(&w.tr())) // [B, V]
     }
 
-    /// One generation step: `tokens` [B] -> (logits [B, V], next state).
+    /// One generation step: `tokens` [B] -> (logits [B, V], next state). `z_logits` is
+    /// `self.z_logits(z)`, computed once by the caller: z does not change while a sentence is
+    /// decoded, so neither do its logits.
     pub fn step(
         &self,
         tokens: &Tensor,
         z: &Tensor,
+        z_logits: Option<&Tensor>,
         state: &nn::LSTMState,
     ) -> (Tensor, nn::LSTMState) {
         let x = self.embed_with_z(&tokens.unsqueeze(1), z, false); // [B, 1, E + Z]
         let (out, state) = self.lstm.seq_init(&x, state); // [B, 1, H]
-        let zl = self.z_logits(z);
-        (self.project(&out.squeeze_dim(1), zl.as_ref()), state)
+        (self.project(&out.squeeze_dim(1), z_logits), state)
     }
 }
 
@@ -479,8 +481,11 @@ mod tests {
         let z = Tensor::randn([1, 4], (Kind::Float, Device::Cpu));
         let full = vae.logits(&inputs, &z); // [1, 4, V]
         let mut state = vae.decoder.init_state(&z);
+        let zl = vae.decoder.z_logits(&z);
         for t in 0..4 {
-            let (logits, next) = vae.decoder.step(&inputs.select(1, t), &z, &state);
+            let (logits, next) = vae
+                .decoder
+                .step(&inputs.select(1, t), &z, zl.as_ref(), &state);
             state = next;
             assert!(
                 logits.allclose(&full.select(1, t), 1e-5, 1e-5, false),
