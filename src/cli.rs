@@ -81,7 +81,7 @@ pub struct TrainArgs {
     /// `word`, `bpe`, or a saved tokenizer .json [default: bpe; word with --preset ptb].
     #[arg(long)]
     pub tokenizer: Option<String>,
-    /// Vocabulary size [default: 8000 for bpe, 20000 for word].
+    /// Vocabulary size [default: 4000 for bpe, 20000 for word].
     #[arg(long)]
     pub vocab_size: Option<usize>,
     /// Continue the run in the checkpoint directory.
@@ -121,7 +121,7 @@ pub struct TrainArgs {
     /// max(R, batch-mean KL), so up to R nats of information cost nothing and beyond R cost as in
     /// the ELBO (a minimum desired rate, Pelsmaeker & Aziz 2020). More rate: better
     /// reconstruction and interpolation, at some cost in NLL (README: the rate table)
-    /// [default: 10; 0 with --preset ptb].
+    /// [default: 12; 0 with --preset ptb].
     #[arg(long)]
     pub target_kl: Option<f64>,
     /// Weight of a bag-of-words loss predicting the sentence's words from z (Zhao et al. 2017;
@@ -177,8 +177,9 @@ pub struct TrainArgs {
     pub emb_dropout: Option<f64>,
     #[arg(long)]
     pub out_dropout: Option<f64>,
-    /// Share the decoder's embedding matrix with its output projection (needs emb = hidden
-    /// dim); `--tie-embeddings false` unties a preset that ties.
+    /// Share the decoder's embedding matrix with its output projection, which the encoder
+    /// then reads too (needs emb = hidden dim) [default: true while --emb-dim equals
+    /// --hidden-dim; `--tie-embeddings false` unties].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub tie_embeddings: Option<bool>,
     /// The encoder reads tokens through the decoder's input embeddings instead of its own
@@ -189,6 +190,10 @@ pub struct TrainArgs {
     /// [default: true; false with --preset ptb].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub z_skip: Option<bool>,
+    /// The skip path enters through the output layer's input (z -> hidden size, scored by
+    /// the output embeddings) instead of a logit per word [default: true].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub skip_hidden: Option<bool>,
     /// BN-VAE: batch-normalise the posterior means with this fixed scale gamma (0 = off), so
     /// every dimension's means spread across sentences and E[KL] >= latent dim * gamma^2 / 2
     /// (Zhu et al. 2020).
@@ -235,6 +240,7 @@ impl TrainArgs {
         set(&mut m.bn_gamma, self.bn_gamma);
         set(&mut m.share_embeddings, self.share_embeddings);
         set(&mut m.z_skip, self.z_skip);
+        set(&mut m.skip_hidden, self.skip_hidden);
         set(&mut t.epochs, self.epochs);
         t.max_minutes = self.max_minutes.or(t.max_minutes);
         set(&mut t.batch_size, self.batch_size);
@@ -252,6 +258,11 @@ impl TrainArgs {
         set(&mut t.log_every, self.log_every);
         set(&mut t.lr_patience, self.lr_patience);
         t.kl_schedule = self.kl_schedule(t.kl_schedule);
+        // Tying by default must not turn a change of one width into an error: the default
+        // unties when the widths differ, an explicit --tie-embeddings is checked.
+        if self.tie_embeddings.is_none() && m.emb_dim != m.hidden_dim {
+            m.tie_embeddings = false;
+        }
         let spec = self.tokenizer.as_deref().unwrap_or(tokenizer).parse()?;
         Ok((spec, m, t))
     }

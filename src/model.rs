@@ -124,6 +124,15 @@ impl Encoder {
     }
 }
 
+/// Where z's skip path enters the output layer.
+enum ZSkip {
+    /// [H, Z]: added to the LSTM output, so it scores words through the output embeddings,
+    /// which every position trains: a rare word is reachable from z as well as a common one.
+    Hidden(Tensor),
+    /// [V, Z]: a logit per word of its own (checkpoints made before `skip_hidden`).
+    Logits(Tensor),
+}
+
 pub struct Decoder {
     emb: nn::Embedding,
     init: nn::Linear,
@@ -131,8 +140,8 @@ pub struct Decoder {
     /// [V, H] when the projection has its own weights; None when it reuses `emb.ws`.
     out_ws: Option<Tensor>,
     out_bs: Tensor,
-    /// [V, Z]: the skip path from z straight to the output logits (`z_skip`).
-    z_out: Option<Tensor>,
+    /// The skip path from z to the output layer (`z_skip`).
+    skip: Option<ZSkip>,
     num_layers: i64,
     hidden_dim: i64,
     emb_dropout: f64,
@@ -189,12 +198,20 @@ impl Decoder {
                 nn::init::DEFAULT_KAIMING_UNIFORM,
             )
         });
-        let z_out = cfg.z_skip.then(|| {
-            (&p / "z_out").var(
-                "weight",
-                &[cfg.vocab_size, cfg.latent_dim],
-                nn::init::DEFAULT_KAIMING_UNIFORM,
-            )
+        let skip = cfg.z_skip.then(|| {
+            if cfg.skip_hidden {
+                ZSkip::Hidden((&p / "z_hidden").var(
+                    "weight",
+                    &[cfg.hidden_dim, cfg.latent_dim],
+                    nn::init::DEFAULT_KAIMING_UNIFORM,
+                ))
+            } else {
+                ZSkip::Logits((&p / "z_out").var(
+                    "weight",
+                    &[cfg.vocab_size, cfg.latent_dim],
+                    nn::init::DEFAULT_KAIMING_UNIFORM,
+                ))
+            }
         });
         Self {
             emb,
@@ -202,7 +219,7 @@ impl Decoder {
             lstm,
             out_ws,
             out_bs,
-            z_out,
+            skip,
             num_layers: cfg.num_layers,
             hidden_dim: cfg.hidden_dim,
             emb_dropout: cfg.emb_dropout,
@@ -240,38 +257,41 @@ impl Decoder {
         out.dropout(self.out_dropout, train)
     }
 
-    /// Vocabulary logits from hidden states [..., H] -> [..., V], plus the sentence-level
-    /// logits of z (`z_logits`, broadcast over the leading dimensions) when the model has them.
-    pub fn project(&self, hidden: &Tensor, z_logits: Option<&Tensor>) -> Tensor {
+    /// Vocabulary logits from hidden states [..., H] -> [..., V], with z's skip term `skip`
+    /// (from [`Self::z_skip`], broadcast over the leading dimensions) when the model has one.
+    pub fn project(&self, hidden: &Tensor, skip: Option<&Tensor>) -> Tensor {
         let ws = self.out_ws.as_ref().unwrap_or(&self.emb.ws);
-        let logits = hidden.linear(ws, Some(&self.out_bs));
-        match z_logits {
-            Some(zl) => logits + zl,
-            None => logits,
+        match (&self.skip, skip) {
+            (Some(ZSkip::Hidden(_)), Some(s)) => (hidden + s).linear(ws, Some(&self.out_bs)),
+            (_, Some(s)) => hidden.linear(ws, Some(&self.out_bs)) + s,
+            (_, None) => hidden.linear(ws, Some(&self.out_bs)),
         }
     }
 
-    /// z [B, Z] -> its contribution to every position's logits [B, V] through the skip path
-    /// (Dieng et al. 2019's generative skip connection, at the output layer): z speaks to the
-    /// choice of words directly instead of only through the LSTM's state, so the decoder
-    /// cannot learn to route around it. None when the model has no skip path.
-    pub fn z_logits(&self, z: &Tensor) -> Option<Tensor> {
-        self.z_out.as_ref().map(|w| z.matmul(&w.tr())) // [B, V]
+    /// z [B, Z] -> its term in every position's output layer through the skip path (Dieng et
+    /// al. 2019's generative skip connection, at the output layer): [B, H] added to the LSTM
+    /// output (`skip_hidden`) or [B, V] added to the logits. z speaks to the choice of words
+    /// directly instead of only through the LSTM's state, so the decoder cannot learn to route
+    /// around it. None when the model has no skip path.
+    pub fn z_skip(&self, z: &Tensor) -> Option<Tensor> {
+        self.skip.as_ref().map(|s| match s {
+            ZSkip::Hidden(w) | ZSkip::Logits(w) => z.matmul(&w.tr()), // [B, H] or [B, V]
+        })
     }
 
-    /// One generation step: `tokens` [B] -> (logits [B, V], next state). `z_logits` is
-    /// `self.z_logits(z)`, computed once by the caller: z does not change while a sentence is
-    /// decoded, so neither do its logits.
+    /// One generation step: `tokens` [B] -> (logits [B, V], next state). `skip` is
+    /// `self.z_skip(z)`, computed once by the caller: z does not change while a sentence is
+    /// decoded, so neither does its skip term.
     pub fn step(
         &self,
         tokens: &Tensor,
         z: &Tensor,
-        z_logits: Option<&Tensor>,
+        skip: Option<&Tensor>,
         state: &nn::LSTMState,
     ) -> (Tensor, nn::LSTMState) {
         let x = self.embed_with_z(&tokens.unsqueeze(1), z, false); // [B, 1, E + Z]
         let (out, state) = self.lstm.seq_init(&x, state); // [B, 1, H]
-        (self.project(&out.squeeze_dim(1), z_logits), state)
+        (self.project(&out.squeeze_dim(1), skip), state)
     }
 }
 
@@ -291,8 +311,8 @@ pub fn reconstruction_nll(
     let idx = flat_targets.ne(PAD).nonzero().squeeze_dim(1); // [N]
     let h = hidden.reshape([-1, h_dim]).index_select(0, &idx); // [N, H]
     let sentence = idx.divide_scalar_mode(t, "floor"); // [N]
-    let zl = decoder.z_logits(z).map(|zl| zl.index_select(0, &sentence)); // [N, V]
-    let logits = decoder.project(&h, zl.as_ref()); // [N, V]
+    let skip = decoder.z_skip(z).map(|s| s.index_select(0, &sentence)); // [N, H] or [N, V]
+    let logits = decoder.project(&h, skip.as_ref()); // [N, V]
     let nll = logits.cross_entropy_loss::<Tensor>(
         &flat_targets.index_select(0, &idx),
         None,
@@ -399,9 +419,9 @@ impl Vae {
 
     /// Full logits [B, T, V] of the decoder for given z: used to compare models exactly.
     pub fn logits(&self, inputs: &Tensor, z: &Tensor) -> Tensor {
-        let zl = self.decoder.z_logits(z).map(|zl| zl.unsqueeze(1)); // [B, 1, V]
+        let skip = self.decoder.z_skip(z).map(|s| s.unsqueeze(1)); // [B, 1, H or V]
         self.decoder
-            .project(&self.decoder.hidden(inputs, z, false), zl.as_ref())
+            .project(&self.decoder.hidden(inputs, z, false), skip.as_ref())
     }
 }
 
@@ -426,6 +446,7 @@ mod tests {
             bn_gamma: 0.0,
             share_embeddings: false,
             z_skip: true,
+            skip_hidden: false,
         }
     }
 
@@ -433,7 +454,14 @@ mod tests {
     fn padded_batch_loss_equals_sum_of_single_sentence_losses() {
         let _rng = crate::seeded(0);
         let vs = nn::VarStore::new(Device::Cpu);
-        let vae = Vae::new(vs.root(), &tiny());
+        // The skip path through the hidden size is the default; `tiny` has the per-word one.
+        let vae = Vae::new(
+            vs.root(),
+            &ModelConfig {
+                skip_hidden: true,
+                ..tiny()
+            },
+        );
         let seqs: Vec<Vec<i64>> = vec![
             vec![5, 6, 7, 8, 9, 10, 11],
             vec![12],
@@ -474,23 +502,31 @@ mod tests {
 
     #[test]
     fn generation_step_matches_the_full_sequence_pass() {
-        let _rng = crate::seeded(1);
-        let vs = nn::VarStore::new(Device::Cpu);
-        let vae = Vae::new(vs.root(), &tiny());
-        let inputs = Tensor::from_slice(&[1i64, 5, 6, 7]).view([1, 4]);
-        let z = Tensor::randn([1, 4], (Kind::Float, Device::Cpu));
-        let full = vae.logits(&inputs, &z); // [1, 4, V]
-        let mut state = vae.decoder.init_state(&z);
-        let zl = vae.decoder.z_logits(&z);
-        for t in 0..4 {
-            let (logits, next) = vae
-                .decoder
-                .step(&inputs.select(1, t), &z, zl.as_ref(), &state);
-            state = next;
-            assert!(
-                logits.allclose(&full.select(1, t), 1e-5, 1e-5, false),
-                "step {t}"
+        for skip_hidden in [false, true] {
+            let _rng = crate::seeded(1);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let vae = Vae::new(
+                vs.root(),
+                &ModelConfig {
+                    skip_hidden,
+                    ..tiny()
+                },
             );
+            let inputs = Tensor::from_slice(&[1i64, 5, 6, 7]).view([1, 4]);
+            let z = Tensor::randn([1, 4], (Kind::Float, Device::Cpu));
+            let full = vae.logits(&inputs, &z); // [1, 4, V]
+            let mut state = vae.decoder.init_state(&z);
+            let skip = vae.decoder.z_skip(&z);
+            for t in 0..4 {
+                let (logits, next) =
+                    vae.decoder
+                        .step(&inputs.select(1, t), &z, skip.as_ref(), &state);
+                state = next;
+                assert!(
+                    logits.allclose(&full.select(1, t), 1e-5, 1e-5, false),
+                    "step {t}, skip_hidden {skip_hidden}"
+                );
+            }
         }
     }
 }

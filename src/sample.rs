@@ -250,14 +250,14 @@ fn sample_tokens(vae: &Vae, z: &Tensor, decoding: &Decoding) -> Vec<Vec<i64>> {
     let b = z.size()[0];
     let device = z.device();
     let mut state = vae.decoder.init_state(z);
-    let z_logits = vae.decoder.z_logits(z); // [B, V], the same at every step
+    let skip = vae.decoder.z_skip(z); // the same at every step
     let mut tokens = Tensor::full([b], BOS, (Kind::Int64, device));
     let mut finished = Tensor::zeros([b], (Kind::Bool, device));
     let mut steps = Vec::with_capacity(max_len);
     // Only n-gram blocking needs the sentences so far on the host at every step.
     let mut histories: Vec<Vec<i64>> = vec![Vec::new(); if n > 0 { b as usize } else { 0 }];
     for _ in 0..max_len {
-        let (logits, next_state) = vae.decoder.step(&tokens, z, z_logits.as_ref(), &state);
+        let (logits, next_state) = vae.decoder.step(&tokens, z, skip.as_ref(), &state);
         state = next_state;
         let logits = ban_repeats(&ban_specials(&logits), &histories, n);
         // Finished rows keep emitting padding so that one sync at the end suffices.
@@ -307,7 +307,7 @@ fn beam_search(vae: &Vae, z: &Tensor, k: usize, decoding: &Decoding) -> Vec<Vec<
     let ki = k as i64;
     let zk = z.repeat_interleave_self_int(ki, 0, None); // [B*K, Z]
     let mut state = vae.decoder.init_state(&zk);
-    let zk_logits = vae.decoder.z_logits(&zk); // [B*K, V], the same at every step
+    let zk_skip = vae.decoder.z_skip(&zk); // the same at every step
     let mut tokens = Tensor::full([(b * k) as i64], BOS, (Kind::Int64, device));
     // Only the first beam of each sentence is live at the start, so no beam is duplicated.
     let mut scores: Vec<f64> = (0..b * k)
@@ -318,7 +318,7 @@ fn beam_search(vae: &Vae, z: &Tensor, k: usize, decoding: &Decoding) -> Vec<Vec<
     let done = |f: &Vec<Hypothesis>| f.len() >= k;
 
     for _ in 0..max_len {
-        let (logits, next_state) = vae.decoder.step(&tokens, &zk, zk_logits.as_ref(), &state);
+        let (logits, next_state) = vae.decoder.step(&tokens, &zk, zk_skip.as_ref(), &state);
         let logp = ban_specials(&logits).log_softmax(-1, Kind::Float); // [B*K, V]
         let logp = ban_repeats(&logp, &histories, n);
         let v = logp.size()[1];
@@ -571,6 +571,10 @@ mod tests {
             conv_filters: 4,
             latent_dim: 6,
             hidden_dim: 16,
+            // The model these tests were written on (a seeded one that loops without the
+            // repeat guard); emb != hidden rules out tying anyway.
+            tie_embeddings: false,
+            skip_hidden: false,
             ..Default::default()
         };
         let vs = nn::VarStore::new(Device::Cpu);

@@ -25,9 +25,11 @@ pub const EOS: i64 = 2;
 pub const UNK: i64 = 3;
 pub const SPECIALS: [&str; 4] = ["<pad>", "<s>", "</s>", "<unk>"];
 
-/// Default vocabulary sizes: BPE 8000 (enough merges for whole common words on a book-sized
-/// corpus); word level large enough to keep every type of PTB's 10k vocabulary.
-pub const DEFAULT_BPE_VOCAB: usize = 8000;
+/// Default vocabulary sizes: BPE 4000 (common words stay whole, rare ones are spelled from
+/// pieces that z can carry and the decoder has seen often; the output softmax, most of the
+/// compute, is half as wide as at 8000: README, Why the defaults); word level large enough to
+/// keep every type of PTB's 10k vocabulary.
+pub const DEFAULT_BPE_VOCAB: usize = 4000;
 pub const DEFAULT_WORD_VOCAB: usize = 20000;
 
 /// Which tokenizer a training run uses.

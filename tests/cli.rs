@@ -39,6 +39,8 @@ fn train_then_generate_in_a_temp_dir() {
     assert_eq!(Path::new(latest.trim()), ckpt.canonicalize().unwrap());
     let config: serde_json::Value = serde_json::from_str(&read(&ckpt.join("config.json"))).unwrap();
     assert_eq!(config["model"]["latent_dim"], 8);
+    // Tying is the default only where the widths allow it (emb 32, hidden 64 here).
+    assert_eq!(config["model"]["tie_embeddings"], false);
     assert_eq!(config["tokenizer"], "bpe");
     assert!(config["libtorch_version"]
         .as_str()
