@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
+use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tch::nn::{self, OptimizerConfig};
@@ -259,25 +260,27 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
         tch::get_num_threads(),
     ));
 
+    // A clause of the objective's description, present only when its setting is on.
+    let clause = |on: bool, text: String| if on { text } else { String::new() };
     log(&format!(
         "keeping the weights with the best {} (--select {}); objective rec + beta * KL term{}{}{}",
         train_cfg.select.describe(),
-        format!("{:?}", train_cfg.select).to_lowercase(),
-        if train_cfg.free_bits > 0.0 {
+        train_cfg
+            .select
+            .to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_string()),
+        clause(
+            train_cfg.free_bits > 0.0,
             format!(", free bits {} nats/dim", train_cfg.free_bits)
-        } else {
-            String::new()
-        },
-        if train_cfg.target_kl > 0.0 {
+        ),
+        clause(
+            train_cfg.target_kl > 0.0,
             format!(", target rate {} nats", train_cfg.target_kl)
-        } else {
-            String::new()
-        },
-        if train_cfg.bow_weight > 0.0 {
+        ),
+        clause(
+            train_cfg.bow_weight > 0.0,
             format!(" + {} * bag-of-words loss", train_cfg.bow_weight)
-        } else {
-            String::new()
-        },
+        ),
     ));
     let mut opt = nn::Adam::default().build(&vs, state.lr)?;
     let budget = train_cfg.max_minutes.map(|m| m * 60.0);
