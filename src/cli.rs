@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::checkpoint;
-use crate::config::{KlSchedule, ModelConfig, Preset, Recipe, Selection, TrainConfig};
+use crate::config::{KlSchedule, LrSchedule, ModelConfig, Preset, Recipe, Selection, TrainConfig};
 use crate::data::{self, Corpus};
 use crate::eval;
 use crate::latent::{self, Method};
@@ -92,7 +92,8 @@ pub struct TrainArgs {
     pub force: bool,
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Wall-clock budget in minutes; whichever of this and --epochs comes first stops training.
+    /// Wall-clock budget of the run in minutes; whichever of this and --epochs comes first stops
+    /// training. A resumed run counts the minutes its earlier parts trained.
     #[arg(long)]
     pub max_minutes: Option<f64>,
     #[arg(long)]
@@ -199,8 +200,18 @@ pub struct TrainArgs {
     /// (Zhu et al. 2020).
     #[arg(long)]
     pub bn_gamma: Option<f64>,
-    /// Epochs without improvement of the --select criterion before the learning rate is
-    /// halved, counted once beta has settled.
+    /// linear: hold --lr, then decay it linearly to 1e-5 over the last --lr-cooldown of the
+    /// run's budget (--max-minutes or --epochs, whichever ends first), so a run of any length
+    /// ends annealed; plateau: halve it after --lr-patience epochs without a better --select
+    /// criterion [default: linear; plateau with --preset ptb].
+    #[arg(long, value_enum)]
+    pub lr_schedule: Option<LrSchedule>,
+    /// With --lr-schedule linear: the last share of the budget over which the rate decays
+    /// (1 = from the first step) [default: 0.25].
+    #[arg(long)]
+    pub lr_cooldown: Option<f64>,
+    /// With --lr-schedule plateau: epochs without improvement of the --select criterion before
+    /// the learning rate is halved, counted once beta has settled.
     #[arg(long)]
     pub lr_patience: Option<usize>,
     /// Steps per log line and metrics record.
@@ -256,6 +267,8 @@ impl TrainArgs {
         set(&mut t.select, self.select);
         set(&mut t.ae_steps, self.ae_steps);
         set(&mut t.log_every, self.log_every);
+        set(&mut t.lr_schedule, self.lr_schedule);
+        set(&mut t.lr_cooldown, self.lr_cooldown);
         set(&mut t.lr_patience, self.lr_patience);
         t.kl_schedule = self.kl_schedule(t.kl_schedule);
         // Tying by default must not turn a change of one width into an error: the default

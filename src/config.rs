@@ -185,6 +185,8 @@ impl Preset {
                     word_dropout: 0.0,
                     free_bits: 0.15,
                     target_kl: 0.0,
+                    lr: 1e-3,
+                    lr_schedule: LrSchedule::Plateau,
                     ..TrainConfig::default()
                 },
             },
@@ -305,10 +307,33 @@ impl Selection {
     }
 }
 
-/// The rate z holds by default, in nats per sentence: on short everyday sentences (tatoeba) the
-/// most that kept the held-out NLL within 3% of the old free-bits floor of 4.8 nats, with
-/// about twice its reconstruction accuracy (README, "The rate table").
-pub const TARGET_KL: f64 = 12.0;
+/// How the learning rate moves during a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// `lr` held, then a linear decay to 1e-5 over the last `lr_cooldown` share of the run's
+    /// budget: --max-minutes or --epochs, whichever ends first (budget-aware decay, Li, Yumer &
+    /// Ramanan 2020; warmup-stable-decay, Hu et al. 2024). A function of the run's progress, so a
+    /// resumed run is where the uninterrupted one would be.
+    #[default]
+    Linear,
+    /// Halved after --lr-patience epochs without a better --select criterion, counted only once
+    /// beta has settled.
+    Plateau,
+}
+
+impl LrSchedule {
+    /// What a checkpoint written before the choice existed was trained with.
+    fn legacy() -> Self {
+        LrSchedule::Plateau
+    }
+}
+
+/// The rate z holds by default, in nats per sentence: on short everyday sentences (tatoeba),
+/// ten minutes with the linear cool-down, the most measured that kept the held-out NLL within 3%
+/// of the old free-bits floor of 4.8 nats (31.51 <= 31.77), at token accuracy 0.50 and exact
+/// match 0.17 (README, "The rate table").
+pub const TARGET_KL: f64 = 18.0;
 
 /// The training recipe.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -344,10 +369,14 @@ pub struct TrainConfig {
     /// and the KL schedule starts from its own step 0 (0 = off).
     #[serde(default)]
     pub ae_steps: u64,
-    /// How the kept weights are chosen; also what the learning-rate schedule watches.
+    /// How the kept weights are chosen; also what the plateau learning-rate schedule watches.
     pub select: Selection,
-    /// Epochs without validation improvement before the learning rate is halved; counted only
-    /// once beta has settled.
+    #[serde(default = "LrSchedule::legacy")]
+    pub lr_schedule: LrSchedule,
+    /// Linear schedule: the last share of the budget over which the rate decays (1 = all of it).
+    pub lr_cooldown: f64,
+    /// Plateau schedule: epochs without validation improvement before the learning rate is
+    /// halved; counted only once beta has settled.
     pub lr_patience: usize,
     pub lr_decay: f64,
     pub min_lr: f64,
@@ -359,7 +388,10 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             batch_size: 32,
-            lr: 1e-3,
+            // 2e-3 with the linear cool-down: a ten-minute run is far from converged, and the
+            // larger step held until the last quarter was worth 1.4 nats of held-out NLL
+            // (README, Why the defaults).
+            lr: 2e-3,
             clip_norm: 5.0,
             epochs: 100,
             max_minutes: None,
@@ -373,6 +405,8 @@ impl Default for TrainConfig {
             kl_schedule: KlSchedule::default(),
             ae_steps: 0,
             select: Selection::default(),
+            lr_schedule: LrSchedule::default(),
+            lr_cooldown: 0.25,
             lr_patience: 2,
             lr_decay: 0.5,
             min_lr: 1e-5,
@@ -431,6 +465,11 @@ impl TrainConfig {
             self.bow_weight >= 0.0 && self.bow_weight.is_finite(),
             "--bow-weight must be >= 0, got {}",
             self.bow_weight
+        );
+        ensure!(
+            self.lr_cooldown > 0.0 && self.lr_cooldown <= 1.0,
+            "--lr-cooldown must be in (0, 1], got {}",
+            self.lr_cooldown
         );
         if !(self.lr_decay > 0.0 && self.lr_decay <= 1.0) {
             bail!("lr_decay must be in (0, 1], got {}", self.lr_decay);

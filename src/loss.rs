@@ -2,7 +2,8 @@
 //! bits (Kingma et al. 2016, per dimension as in Li et al. 2019), KL annealing schedules
 //! (linear, He et al. 2019; logistic, Bowman et al. 2016; cyclical, Fu et al. 2019) and word
 //! dropout (Bowman et al. 2016); a minimum desired rate in hinge form (Pelsmaeker & Aziz 2020)
-//! and the bag-of-words loss from z (Zhao et al. 2017).
+//! and the bag-of-words loss from z (Zhao et al. 2017); the learning rate's linear decay over
+//! the run's budget (Li, Yumer & Ramanan 2020).
 
 use tch::{Kind, Tensor};
 
@@ -51,6 +52,24 @@ pub fn bow_nll(logits: &Tensor, targets: &Tensor) -> Tensor {
     let ids = targets.masked_fill(&real.logical_not(), 0); // [B, T]
     let picked = logp.gather(1, &ids, false) * real.to_kind(Kind::Float); // [B, T]
     -picked.sum_dim_intlist([1].as_slice(), false, Kind::Float)
+}
+
+/// How much of a run's budget is spent, in [0, 1]: the larger of the wall-clock share (when there
+/// is a time budget) and the share of optimisation steps.
+pub fn budget_progress(secs: f64, budget_secs: Option<f64>, steps: u64, total_steps: u64) -> f64 {
+    let by_steps = steps as f64 / total_steps.max(1) as f64;
+    let by_time = budget_secs.map_or(0.0, |b| secs / b);
+    by_steps.max(by_time).clamp(0.0, 1.0)
+}
+
+/// The learning rate at `progress` in [0, 1] of the budget: `start` until the last `cooldown`
+/// share of the budget, then a linear decay to `floor` at the end (warmup-stable-decay without
+/// the warmup, Hu et al. 2024; Li, Yumer & Ramanan 2020 for linear decay under a fixed budget).
+/// A floor above the start leaves the rate at the start.
+pub fn linear_lr(start: f64, floor: f64, cooldown: f64, progress: f64) -> f64 {
+    let floor = floor.min(start);
+    let left = (1.0 - progress.clamp(0.0, 1.0)) / cooldown.max(1e-12);
+    floor + (start - floor) * left.min(1.0)
 }
 
 /// beta at optimisation step `step` of a run whose first `ae_steps` steps pretrain an
@@ -108,6 +127,30 @@ mod tests {
 
     fn f(t: &Tensor) -> f64 {
         t.double_value(&[])
+    }
+
+    #[test]
+    fn budget_progress_takes_whichever_budget_runs_out_first() {
+        assert_eq!(budget_progress(0.0, None, 0, 100), 0.0);
+        assert_eq!(budget_progress(30.0, None, 25, 100), 0.25);
+        assert_eq!(budget_progress(30.0, Some(60.0), 25, 100), 0.5);
+        assert_eq!(budget_progress(30.0, Some(600.0), 25, 100), 0.25);
+        assert_eq!(budget_progress(90.0, Some(60.0), 200, 100), 1.0);
+        assert_eq!(budget_progress(0.0, None, 3, 0), 1.0);
+    }
+
+    #[test]
+    fn linear_lr_runs_from_start_to_floor() {
+        assert_eq!(linear_lr(1e-3, 1e-5, 1.0, 0.0), 1e-3);
+        assert!((linear_lr(1e-3, 0.0, 1.0, 0.25) - 7.5e-4).abs() < 1e-15);
+        assert_eq!(linear_lr(1e-3, 1e-5, 1.0, 1.0), 1e-5);
+        assert_eq!(linear_lr(1e-3, 1e-5, 1.0, 7.0), 1e-5);
+        // With a cooldown of a quarter the rate holds for three quarters of the budget.
+        assert_eq!(linear_lr(1e-3, 0.0, 0.25, 0.5), 1e-3);
+        assert_eq!(linear_lr(1e-3, 0.0, 0.25, 0.75), 1e-3);
+        assert!((linear_lr(1e-3, 0.0, 0.25, 0.875) - 5e-4).abs() < 1e-15);
+        // A start below the floor stays where it is instead of rising to it.
+        assert_eq!(linear_lr(1e-6, 1e-5, 1.0, 0.5), 1e-6);
     }
 
     #[test]

@@ -18,11 +18,14 @@ use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind};
 
 use crate::checkpoint::{self as ckpt, CheckpointConfig, TrainState};
-use crate::config::{ModelConfig, Selection, TrainConfig};
+use crate::config::{LrSchedule, ModelConfig, Selection, TrainConfig};
 use crate::data::{self, Batch, Encoded};
 use crate::eval::{evaluate_elbo, iw_nll, perplexity, ElboStats};
 use crate::latent::{reconstruction_score, Score};
-use crate::loss::{beta_at, bow_nll, kl_per_dim, kl_term, kl_term_of_dim_means, word_dropout};
+use crate::loss::{
+    beta_at, bow_nll, budget_progress, kl_per_dim, kl_term, kl_term_of_dim_means, linear_lr,
+    word_dropout,
+};
 use crate::model::{BowHead, Vae};
 use crate::sample::{Decoding, Strategy, DECODE_BATCH};
 use crate::tokenizer::{TextTokenizer, TokenizerSpec};
@@ -284,7 +287,23 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
     ));
     let mut opt = nn::Adam::default().build(&vs, state.lr)?;
     let budget = train_cfg.max_minutes.map(|m| m * 60.0);
+    // The budget is the run's, not this invocation's: a resumed run has what its earlier parts
+    // left of --max-minutes and --epochs, and the linear schedule goes on from where it was.
+    let total_steps = (train_cfg.epochs * preview.len()) as u64;
     let elapsed_before = state.elapsed_secs;
+    let run_secs = || elapsed_before + started.elapsed().as_secs_f64();
+    ensure!(
+        state.epoch < train_cfg.epochs && budget.is_none_or(|b| elapsed_before < b),
+        "{} has already had its budget ({} of {} epochs, {:.1} minutes{}): raise --epochs or --max-minutes to train on",
+        dir.display(),
+        state.epoch,
+        train_cfg.epochs,
+        elapsed_before / 60.0,
+        train_cfg
+            .max_minutes
+            .map_or_else(String::new, |m| format!(" of {m}"))
+    );
+    log(&lr_plan(&train_cfg));
     let mut stopped_by = StopReason::Epochs;
     let mut last_valid = ElboStats::default();
     let terminal = std::io::stderr().is_terminal();
@@ -306,6 +325,11 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
                     "step {}: autoencoder pretraining done; decoder re-initialised, KL schedule starts",
                     state.step
                 ));
+            }
+            if train_cfg.lr_schedule == LrSchedule::Linear {
+                let p = budget_progress(run_secs(), budget, state.step, total_steps);
+                state.lr = linear_lr(train_cfg.lr, train_cfg.min_lr, train_cfg.lr_cooldown, p);
+                opt.set_lr(state.lr);
             }
             let beta = beta_at(&train_cfg.kl_schedule, train_cfg.ae_steps, state.step);
             let (loss, rec, kl) = batch_loss(&vae, bow.as_ref(), &batch, &train_cfg, beta);
@@ -338,7 +362,7 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
                 interrupted = Some(StopReason::Interrupted);
                 break;
             }
-            if budget.is_some_and(|b| started.elapsed().as_secs_f64() >= b) {
+            if budget.is_some_and(|b| run_secs() >= b) {
                 interrupted = Some(StopReason::TimeBudget);
                 break;
             }
@@ -355,7 +379,7 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
         if improved {
             state.best_valid = Some(v.criterion);
             state.bad_epochs = 0;
-        } else if interrupted.is_none() && settled {
+        } else if interrupted.is_none() && settled && train_cfg.lr_schedule == LrSchedule::Plateau {
             // Before beta settles the objective is still moving under the model's feet: a
             // plateau then says nothing about the learning rate.
             state.bad_epochs += 1;
@@ -369,7 +393,7 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
         if keep {
             ckpt::save_weights(&vs, &dir.join(ckpt::WEIGHTS))?;
         }
-        state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
+        state.elapsed_secs = run_secs();
         log_epoch(
             epoch,
             interrupted.is_some(),
@@ -402,6 +426,24 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
         valid: last_valid,
         stopped_by,
     })
+}
+
+/// The learning-rate schedule in words, for the log.
+fn lr_plan(cfg: &TrainConfig) -> String {
+    let start = cfg.lr;
+    match cfg.lr_schedule {
+        LrSchedule::Linear => format!(
+            "learning rate {start:.2e}, decaying linearly to {:.0e} over the last {:.0}% of the budget ({}{} epochs, whichever ends first) (--lr-schedule linear)",
+            cfg.min_lr.min(start),
+            cfg.lr_cooldown * 100.0,
+            cfg.max_minutes.map_or_else(String::new, |m| format!("{m} minutes or ")),
+            cfg.epochs
+        ),
+        LrSchedule::Plateau => format!(
+            "learning rate {start:.2e}, halved after {} epochs without a better criterion once beta has settled (--lr-schedule plateau)",
+            cfg.lr_patience
+        ),
+    }
 }
 
 /// The training objective on one batch at `beta`: (loss, mean reconstruction NLL, KL per

@@ -206,6 +206,12 @@ fn resume_continues_and_existing_models_are_not_overwritten() {
     let state: serde_json::Value =
         serde_json::from_str(&read(&dir.path().join("m/state.json"))).unwrap();
     assert_eq!(state["epoch"], 2);
+    // The linear schedule has cooled the rate (2e-3) down by the end of the budget.
+    let lr = state["lr"].as_f64().unwrap();
+    assert!(lr < 1e-3, "lr {lr} at the end of the run");
+    // The budget is the run's: two epochs are spent, so resuming to two has nothing to do.
+    train_tiny(dir.path(), &["--epochs", "2", "--out", "m", "--resume"])
+        .fails_with("already had its budget (2 of 2 epochs");
     train_tiny(dir.path(), &["--epochs", "1", "--out", "m", "--force"]).ok();
     let state: serde_json::Value =
         serde_json::from_str(&read(&dir.path().join("m/state.json"))).unwrap();
