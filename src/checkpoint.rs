@@ -57,6 +57,9 @@ pub struct TrainState {
     /// Epochs since the selection criterion last improved.
     pub bad_epochs: usize,
     pub elapsed_secs: f64,
+    /// Steps whose loss or gradient was not finite, skipped before they reached the weights.
+    #[serde(default)]
+    pub skipped_steps: u64,
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename.

@@ -217,6 +217,10 @@ pub struct TrainArgs {
     /// Steps per log line and metrics record.
     #[arg(long)]
     pub log_every: Option<u64>,
+    /// A step whose loss or gradient is NaN or infinite is skipped (and counted); after this
+    /// many in a row training stops with an error, keeping the last checkpoint [default: 20].
+    #[arg(long)]
+    pub max_nonfinite: Option<u64>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -267,6 +271,7 @@ impl TrainArgs {
         set(&mut t.select, self.select);
         set(&mut t.ae_steps, self.ae_steps);
         set(&mut t.log_every, self.log_every);
+        set(&mut t.max_nonfinite, self.max_nonfinite);
         set(&mut t.lr_schedule, self.lr_schedule);
         set(&mut t.lr_cooldown, self.lr_cooldown);
         set(&mut t.lr_patience, self.lr_patience);
@@ -565,6 +570,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
         device,
         resume: a.resume,
         force: a.force,
+        poison_steps: Vec::new(),
     };
     // Validate before any slow work; vocab_size is filled in from the tokenizer later.
     req.train.validate()?;

@@ -382,6 +382,14 @@ pub struct TrainConfig {
     pub min_lr: f64,
     /// Steps per logging window (log line and metrics record).
     pub log_every: u64,
+    /// Non-finite steps in a row (loss or gradient NaN/inf, each skipped) after which training
+    /// stops with an error, keeping the last checkpoint.
+    #[serde(default = "default_max_nonfinite")]
+    pub max_nonfinite: u64,
+}
+
+fn default_max_nonfinite() -> u64 {
+    20
 }
 
 impl Default for TrainConfig {
@@ -411,6 +419,7 @@ impl Default for TrainConfig {
             lr_decay: 0.5,
             min_lr: 1e-5,
             log_every: 50,
+            max_nonfinite: default_max_nonfinite(),
         }
     }
 }
@@ -475,6 +484,7 @@ impl TrainConfig {
             bail!("lr_decay must be in (0, 1], got {}", self.lr_decay);
         }
         ensure!(self.log_every > 0, "--log-every must be positive");
+        ensure!(self.max_nonfinite > 0, "--max-nonfinite must be positive");
         self.kl_schedule.validate()
     }
 }

@@ -47,6 +47,9 @@ pub struct TrainRequest {
     pub resume: bool,
     /// Replace a checkpoint that already exists in `out`.
     pub force: bool,
+    /// Test hook: the loss of these steps (0-based) is made NaN, as a diverging run's would be.
+    #[doc(hidden)]
+    pub poison_steps: Vec<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -304,6 +307,9 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
             .map_or_else(String::new, |m| format!(" of {m}"))
     );
     log(&lr_plan(&train_cfg));
+    let trainable = vs.trainable_variables();
+    // Non-finite steps in a row.
+    let mut bad_run = 0u64;
     let mut stopped_by = StopReason::Epochs;
     let mut last_valid = ElboStats::default();
     let terminal = std::io::stderr().is_terminal();
@@ -332,17 +338,27 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
                 opt.set_lr(state.lr);
             }
             let beta = beta_at(&train_cfg.kl_schedule, train_cfg.ae_steps, state.step);
-            let (loss, rec, kl) = batch_loss(&vae, bow.as_ref(), &batch, &train_cfg, beta);
-            opt.backward_step_clip_norm(&loss, train_cfg.clip_norm);
+            let (mut loss, rec, kl) = batch_loss(&vae, bow.as_ref(), &batch, &train_cfg, beta);
+            if req.poison_steps.contains(&state.step) {
+                loss *= f64::NAN;
+            }
+            let applied = finite_step(&mut opt, &trainable, &loss, train_cfg.clip_norm)?;
             state.step += 1;
-            window.add(
-                f64::try_from(&loss)?,
-                f64::try_from(&rec)?,
-                kl.sum_dim_intlist([1].as_slice(), false, Kind::Float)
-                    .mean(Kind::Float)
-                    .double_value(&[]),
-                batch.n_tokens,
-            );
+            if let Some(loss) = applied {
+                bad_run = 0;
+                window.add(
+                    loss,
+                    f64::try_from(&rec)?,
+                    kl.sum_dim_intlist([1].as_slice(), false, Kind::Float)
+                        .mean(Kind::Float)
+                        .double_value(&[]),
+                    batch.n_tokens,
+                );
+            } else {
+                window.skipped += 1;
+                bad_run += 1;
+                skipped_step(&mut state, bad_run, &train_cfg, &dir)?;
+            }
             if let Some(bar) = &bar {
                 bar.inc(1);
                 bar.set_message(window.message(beta));
@@ -375,7 +391,8 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
         }
         let v = validate(&vae, &prep.valid.seqs, &train_cfg, req.device);
         let settled = train_cfg.settled_at().is_some_and(|s| state.step >= s);
-        let improved = state.best_valid.is_none_or(|b| v.criterion < b - 1e-4);
+        let improved =
+            v.criterion.is_finite() && state.best_valid.is_none_or(|b| v.criterion < b - 1e-4);
         if improved {
             state.best_valid = Some(v.criterion);
             state.bad_epochs = 0;
@@ -426,6 +443,63 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
         valid: last_valid,
         stopped_by,
     })
+}
+
+/// Counts a step skipped for a non-finite loss or gradient, the `bad_run`-th in a row, and stops
+/// training once the run of them reaches `--max-nonfinite`.
+fn skipped_step(state: &mut TrainState, bad_run: u64, cfg: &TrainConfig, dir: &Path) -> Result<()> {
+    state.skipped_steps += 1;
+    log(&format!(
+        "step {}: loss or gradient not finite, step skipped ({bad_run} in a row)",
+        state.step
+    ));
+    let kept = if dir.join(ckpt::LAST_WEIGHTS).is_file() {
+        format!("the last checkpoint in {} is kept", dir.display())
+    } else {
+        "no epoch had finished, so nothing was saved".to_string()
+    };
+    ensure!(
+        bad_run < cfg.max_nonfinite,
+        "training diverged: {bad_run} steps in a row up to step {} had a non-finite loss or gradient (lower --lr?); {kept}",
+        state.step
+    );
+    Ok(())
+}
+
+/// Backpropagates `loss` and applies the optimiser step with the global gradient norm clipped
+/// to `clip` (as tch's `clip_grad_norm`) — unless the loss or the gradient norm is not finite:
+/// then the gradients are dropped and the weights stay as they were. The loss's value when the
+/// step was applied, None when it was skipped.
+fn finite_step(
+    opt: &mut nn::Optimizer,
+    vars: &[tch::Tensor],
+    loss: &tch::Tensor,
+    clip: f64,
+) -> Result<Option<f64>> {
+    opt.zero_grad();
+    loss.backward();
+    let grads: Vec<tch::Tensor> = vars
+        .iter()
+        .map(|v| v.grad())
+        .filter(|g| g.defined())
+        .collect();
+    let norms: Vec<tch::Tensor> = grads.iter().map(|g| g.norm()).collect();
+    let norm = f64::try_from(tch::Tensor::stack(&norms, 0).norm())?;
+    let value = f64::try_from(loss)?;
+    if !(norm.is_finite() && value.is_finite()) {
+        opt.zero_grad();
+        return Ok(None);
+    }
+    let coef = clip / (norm + 1e-6);
+    if coef < 1.0 {
+        tch::no_grad(|| {
+            for mut g in grads {
+                let _ = g.g_mul_scalar_(coef);
+            }
+        });
+    }
+    opt.step();
+    Ok(Some(value))
 }
 
 /// The learning-rate schedule in words, for the log.
@@ -600,12 +674,15 @@ struct Window {
     rec: f64,
     kl: f64,
     tokens: usize,
+    /// Steps skipped for a non-finite loss or gradient.
+    skipped: u64,
 }
 
 impl Window {
     fn new() -> Self {
         Self {
             start: Instant::now(),
+            skipped: 0,
             steps: 0,
             loss: 0.0,
             rec: 0.0,
@@ -646,6 +723,7 @@ impl Window {
             "kind": "train", "step": step, "epoch": epoch,
             "loss": self.mean(self.loss), "rec": self.mean(self.rec), "kl": self.mean(self.kl),
             "beta": beta, "lr": lr, "tokens_per_sec": self.tokens_per_sec(),
+            "skipped_steps": self.skipped,
         })
     }
 }

@@ -61,6 +61,7 @@ fn tiny_model_overfits_twenty_sentences() {
         device: Device::Cpu,
         resume: false,
         force: false,
+        poison_steps: Vec::new(),
     };
     let summary = train::run(&req, &AtomicBool::new(false)).unwrap();
     // Score the final weights on the corpus itself.
@@ -84,10 +85,11 @@ fn tiny_model_overfits_twenty_sentences() {
     );
 }
 
-/// Trains the tiny model on the tiny corpus (validated on itself) with `train`'s recipe.
-fn train_tiny(dir: &std::path::Path, train: TrainConfig) -> train::TrainSummary {
+/// The request that trains the tiny model on the tiny corpus (validated on itself) with `train`'s
+/// recipe, into `dir/ckpt`.
+fn tiny_request(dir: &std::path::Path, train: TrainConfig) -> TrainRequest {
     let corpus = common::tiny_corpus();
-    let req = TrainRequest {
+    TrainRequest {
         corpus: corpus.clone(),
         valid: Some(corpus),
         out: Some(dir.join("ckpt")),
@@ -98,8 +100,64 @@ fn train_tiny(dir: &std::path::Path, train: TrainConfig) -> train::TrainSummary 
         device: Device::Cpu,
         resume: false,
         force: false,
+        poison_steps: Vec::new(),
+    }
+}
+
+fn train_tiny(dir: &std::path::Path, train: TrainConfig) -> train::TrainSummary {
+    train::run(&tiny_request(dir, train), &AtomicBool::new(false)).unwrap()
+}
+
+/// The tiny corpus's validation ELBO under the model kept in `dir`.
+fn kept_model_elbo(dir: &std::path::Path) -> f64 {
+    let model = checkpoint::load(dir, Device::Cpu).unwrap();
+    let lines = data::read_corpus(&common::tiny_corpus()).unwrap().lines;
+    let enc = data::encode_lines(&model.tokenizer, &lines, 64).unwrap();
+    evaluate_elbo(&model.vae, &enc.seqs, 8, Device::Cpu).elbo
+}
+
+/// A NaN loss (a diverging run's) never reaches the weights: the step is skipped, counted in the
+/// state and the metrics, and training goes on; a run of them stops training with an error that
+/// names the step, and the checkpoint saved before it still loads and scores.
+#[test]
+fn non_finite_steps_are_skipped_and_a_run_of_them_stops_training() {
+    let _rng = common::rng_lock();
+    tch::set_num_threads(1);
+    let cfg = TrainConfig {
+        batch_size: 4,
+        epochs: 3,
+        log_every: 1,
+        max_nonfinite: 3,
+        ..Default::default()
     };
-    train::run(&req, &AtomicBool::new(false)).unwrap()
+    let dir = tempfile::tempdir().unwrap();
+    let mut req = tiny_request(dir.path(), cfg.clone());
+    req.poison_steps = vec![1, 3, 4, 8];
+    let summary = train::run(&req, &AtomicBool::new(false)).unwrap();
+    assert_eq!(summary.state.skipped_steps, 4);
+    assert_eq!(summary.state.epoch, 3);
+    let metrics = std::fs::read_to_string(summary.dir.join(checkpoint::METRICS)).unwrap();
+    let skipped: u64 = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|r| r["skipped_steps"].as_u64())
+        .sum();
+    assert_eq!(skipped, 4, "{metrics}");
+    assert!(kept_model_elbo(&summary.dir).is_finite());
+
+    // Three in a row, in the second epoch: the first epoch's checkpoint is what remains.
+    let dir = tempfile::tempdir().unwrap();
+    let mut req = tiny_request(dir.path(), cfg);
+    req.poison_steps = vec![6, 7, 8];
+    let err = train::run(&req, &AtomicBool::new(false)).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("3 steps in a row up to step 9"), "{msg}");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("ckpt").join(checkpoint::STATE)).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["epoch"], 1);
+    assert!(kept_model_elbo(&dir.path().join("ckpt")).is_finite());
 }
 
 /// With beta 0 the model is an autoencoder and must give back every sentence it trained on,
