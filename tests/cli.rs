@@ -395,6 +395,13 @@ fn ctrl_c_stops_after_the_current_step_and_saves() {
             "{f} missing after Ctrl-C"
         );
     }
-    // And the interrupted run can be continued.
-    train_tiny(dir.path(), &["--epochs", "1", "--out", "m", "--resume"]).ok();
+    // And the interrupted run can be continued, by one epoch past those it finished (the
+    // interrupt may have come after the first epoch or during it).
+    let state: serde_json::Value =
+        serde_json::from_str(&read(&dir.path().join("m/state.json"))).unwrap();
+    let epochs = (state["epoch"].as_u64().unwrap() + 1).to_string();
+    train_tiny(dir.path(), &["--epochs", &epochs, "--out", "m", "--resume"]).ok();
+    let state: serde_json::Value =
+        serde_json::from_str(&read(&dir.path().join("m/state.json"))).unwrap();
+    assert_eq!(state["epoch"].as_u64().unwrap().to_string(), epochs);
 }
