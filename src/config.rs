@@ -384,12 +384,7 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// Non-finite steps in a row (loss or gradient NaN/inf, each skipped) after which training
     /// stops with an error, keeping the last checkpoint.
-    #[serde(default = "default_max_nonfinite")]
     pub max_nonfinite: u64,
-}
-
-fn default_max_nonfinite() -> u64 {
-    20
 }
 
 impl Default for TrainConfig {
@@ -419,7 +414,7 @@ impl Default for TrainConfig {
             lr_decay: 0.5,
             min_lr: 1e-5,
             log_every: 50,
-            max_nonfinite: default_max_nonfinite(),
+            max_nonfinite: 20,
         }
     }
 }
