@@ -3,25 +3,30 @@
 //! ```text
 //! config.json        model + training config, tokenizer kind, textvae and libtorch versions
 //! model.safetensors  weights kept by the selection criterion (`--select`)
-//! last.safetensors   weights at the end of the last epoch (what --resume continues from)
+//! last.safetensors   where --resume continues from: weights at the last save, the optimiser's
+//!                    moments and step, and the training state (as in state.json)
 //! tokenizer.json     the tokenizer trained with the model
-//! state.json         epoch, step, best value of that criterion, learning rate
+//! state.json         epoch, step (and batch within the epoch), best value of that criterion,
+//!                    learning rate
 //! metrics.jsonl      one JSON record per logging window and per epoch
 //! heldout.txt        the held-out validation sentences, when no --valid file was given
 //! ```
 //!
-//! Every file is written to a temporary name and renamed into place, so a kill at any moment
-//! leaves the previous version loadable. The most recent training run is recorded in
-//! `checkpoints/LATEST`, which commands use when no `--checkpoint` is given.
+//! Every file is written to a temporary name unique to the writer, synced and renamed into place
+//! (`files::write_atomic`), so a kill or a full disk at any moment leaves the previous version
+//! loadable. A training run holds the directory's `.lock` while it runs. The most recent run is
+//! recorded in `LATEST` beside its directory; commands given no `--checkpoint` read
+//! `checkpoints/LATEST`, where runs with the default `--out` record themselves.
 
-use std::io::Write;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
-use tch::{nn, Device};
+use tch::{nn, Device, Tensor};
 
 use crate::config::{ModelConfig, TrainConfig};
+use crate::files::{write_atomic, write_atomic_with};
 use crate::model::Vae;
 use crate::tokenizer::TextTokenizer;
 
@@ -43,6 +48,14 @@ pub struct CheckpointConfig {
     pub libtorch_version: String,
     pub tokenizer: String,
     pub corpus: String,
+    /// `files::digest` of the corpus, so --resume can tell when it changed.
+    #[serde(default)]
+    pub corpus_digest: Option<String>,
+    /// The --valid file, when one was given, and its digest.
+    #[serde(default)]
+    pub valid: Option<String>,
+    #[serde(default)]
+    pub valid_digest: Option<String>,
     pub model: ModelConfig,
     pub train: TrainConfig,
 }
@@ -60,32 +73,9 @@ pub struct TrainState {
     /// Steps whose loss or gradient was not finite, skipped before they reached the weights.
     #[serde(default)]
     pub skipped_steps: u64,
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    {
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all()
-            .with_context(|| format!("syncing {}", tmp.display()))?;
-    }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-}
-
-/// `model.safetensors` -> `model.tmp.safetensors`: the extension must stay, tch picks the format
-/// by it.
-fn tmp_path(path: &Path) -> PathBuf {
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("file");
-    let name = match path.extension().and_then(|e| e.to_str()) {
-        Some(ext) => format!("{stem}.tmp.{ext}"),
-        None => format!("{stem}.tmp"),
-    };
-    path.with_file_name(name)
+    /// Batches of epoch `epoch + 1` already trained: where a run saved within an epoch resumes.
+    #[serde(default)]
+    pub batch_in_epoch: usize,
 }
 
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
@@ -101,29 +91,135 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
 }
 
 pub fn save_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
-    let tmp = tmp_path(path);
-    vs.save(&tmp)
-        .with_context(|| format!("writing weights {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    write_atomic_with(path, |tmp| {
+        vs.save(tmp)
+            .with_context(|| format!("writing weights {}", tmp.display()))
+    })
 }
 
-/// Appends one JSON record to `metrics.jsonl`.
-pub fn append_metrics(dir: &Path, record: &serde_json::Value) -> Result<()> {
-    let path = dir.join(METRICS);
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    writeln!(f, "{record}").with_context(|| format!("appending to {}", path.display()))
+/// The tensor of a resume point that holds its `TrainState`, as JSON bytes.
+const STATE_TENSOR: &str = "textvae.state";
+
+/// Saves where a run resumes from as one file, replaced at once: the weights under their names
+/// (so the file loads as weights too), the optimiser's tensors and the training state. One file,
+/// so that a kill can never pair weights with another moment's optimiser or step count.
+pub fn save_resume_point(
+    path: &Path,
+    vs: &nn::VarStore,
+    optimizer: Vec<(String, Tensor)>,
+    state: &TrainState,
+) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(name, t)| (name, t.to_device(Device::Cpu)))
+        .collect();
+    tensors.extend(optimizer);
+    let json = serde_json::to_vec(state).context("serialising the training state")?;
+    tensors.push((STATE_TENSOR.to_string(), Tensor::from_slice(&json)));
+    write_atomic_with(path, |tmp| {
+        Tensor::write_safetensors(&tensors, tmp)
+            .with_context(|| format!("writing {}", tmp.display()))
+    })
 }
 
-/// Records `dir` as the latest model in `checkpoints/LATEST` (relative to the working directory).
+/// What a resume point holds: every tensor by name, and the training state when the file has it
+/// (files written before it did have theirs in `state.json` only).
+pub struct ResumePoint {
+    pub tensors: HashMap<String, Tensor>,
+    pub state: Option<TrainState>,
+}
+
+pub fn read_resume_point(path: &Path) -> Result<ResumePoint> {
+    let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(path)
+        .with_context(|| format!("reading {} (corrupt?)", path.display()))?
+        .into_iter()
+        .collect();
+    let state = match tensors.get(STATE_TENSOR) {
+        Some(t) => {
+            let bytes = Vec::<u8>::try_from(&t.flatten(0, -1))
+                .with_context(|| format!("reading the training state in {}", path.display()))?;
+            Some(
+                serde_json::from_slice(&bytes)
+                    .with_context(|| format!("parsing the training state in {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    Ok(ResumePoint { tensors, state })
+}
+
+/// The metrics log of a run (`metrics.jsonl`, one JSON record per line): its text is kept in
+/// memory and the whole file replaced at every record, so a kill never leaves a torn line.
+pub struct MetricsLog {
+    path: PathBuf,
+    text: String,
+    /// False while the directory still holds a model this run replaces: records are kept in
+    /// memory until `start_writing`.
+    writing: bool,
+}
+
+impl MetricsLog {
+    /// An empty log for a new run.
+    pub fn new(dir: &Path, writing: bool) -> Self {
+        Self {
+            path: dir.join(METRICS),
+            text: String::new(),
+            writing,
+        }
+    }
+
+    /// Writes the records kept so far, and every later one as it comes.
+    pub fn start_writing(&mut self) -> Result<()> {
+        self.writing = true;
+        write_atomic(&self.path, self.text.as_bytes())
+    }
+
+    /// The log of a run resumed at `step`, less the records past it: the steps after the last
+    /// save are trained again, and would otherwise appear twice. Returns how many were dropped.
+    pub fn resume(dir: &Path, step: u64) -> Result<(Self, usize)> {
+        let path = dir.join(METRICS);
+        let old = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let mut text = String::with_capacity(old.len());
+        let mut dropped = 0;
+        for line in old.lines() {
+            let at = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()));
+            if at.is_some_and(|at| at <= step) {
+                text.push_str(line);
+                text.push('\n');
+            } else {
+                dropped += 1;
+            }
+        }
+        let log = Self {
+            path,
+            text,
+            writing: true,
+        };
+        Ok((log, dropped))
+    }
+
+    pub fn append(&mut self, record: &serde_json::Value) -> Result<()> {
+        self.text.push_str(&record.to_string());
+        self.text.push('\n');
+        if !self.writing {
+            return Ok(());
+        }
+        write_atomic(&self.path, self.text.as_bytes())
+    }
+}
+
+/// Records `dir` as the latest model in the `LATEST` file beside it, in the checkpoint root it
+/// was trained into (`checkpoints/LATEST` for the default `--out`).
 pub fn record_latest(dir: &Path) -> Result<()> {
-    let root = Path::new(CHECKPOINTS_DIR);
-    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     let abs = std::fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
+    let root = abs.parent().unwrap_or(&abs);
     write_atomic(
         &root.join(LATEST),
         format!("{}\n", abs.display()).as_bytes(),
@@ -229,16 +325,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tmp_path_keeps_the_extension() {
-        assert_eq!(
-            tmp_path(Path::new("d/model.safetensors")),
-            Path::new("d/model.tmp.safetensors")
-        );
-        assert_eq!(tmp_path(Path::new("d/LATEST")), Path::new("d/LATEST.tmp"));
-    }
-
-    #[test]
-    fn write_atomic_replaces_whole_files() {
+    fn write_json_replaces_whole_files() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("state.json");
         write_json(

@@ -122,7 +122,7 @@ pub struct TrainArgs {
     /// max(R, batch-mean KL), so up to R nats of information cost nothing and beyond R cost as in
     /// the ELBO (a minimum desired rate, Pelsmaeker & Aziz 2020). More rate: better
     /// reconstruction and interpolation, at some cost in NLL (README: the rate table)
-    /// [default: 12; 0 with --preset ptb].
+    /// [default: 18; 0 with --preset ptb].
     #[arg(long)]
     pub target_kl: Option<f64>,
     /// Weight of a bag-of-words loss predicting the sentence's words from z (Zhao et al. 2017;
@@ -221,6 +221,11 @@ pub struct TrainArgs {
     /// many in a row training stops with an error, keeping the last checkpoint [default: 20].
     #[arg(long)]
     pub max_nonfinite: Option<u64>,
+    /// Minutes between checkpoints within an epoch (0 = at epoch ends only), so that a kill
+    /// costs at most this much training; --resume goes on from the batch where it was saved
+    /// [default: 10].
+    #[arg(long, value_name = "MINUTES")]
+    pub save_every: Option<f64>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -240,9 +245,31 @@ impl TrainArgs {
     pub fn configs(&self) -> Result<(TokenizerSpec, ModelConfig, TrainConfig)> {
         let Recipe {
             tokenizer,
-            model: mut m,
-            train: mut t,
+            model,
+            train,
         } = self.preset.recipe();
+        let (m, t) = self.laid_over(model, train);
+        let spec = self.tokenizer.as_deref().unwrap_or(tokenizer).parse()?;
+        Ok((spec, m, t))
+    }
+
+    /// The configs of the run to resume in `dir` with every flag given laid over them, so that
+    /// training can tell a flag that changes the run from one that repeats it.
+    pub fn resumed_configs(&self, dir: &Path) -> Result<(TokenizerSpec, ModelConfig, TrainConfig)> {
+        let saved: checkpoint::CheckpointConfig =
+            checkpoint::read_json(&dir.join(checkpoint::CONFIG)).with_context(|| {
+                format!("cannot resume: {} has no readable config", dir.display())
+            })?;
+        let (m, t) = self.laid_over(saved.model, saved.train);
+        let spec = self
+            .tokenizer
+            .as_deref()
+            .unwrap_or(&saved.tokenizer)
+            .parse()?;
+        Ok((spec, m, t))
+    }
+
+    fn laid_over(&self, mut m: ModelConfig, mut t: TrainConfig) -> (ModelConfig, TrainConfig) {
         set(&mut m.emb_dim, self.emb_dim);
         set(&mut m.hidden_dim, self.hidden_dim);
         set(&mut m.latent_dim, self.latent_dim);
@@ -272,6 +299,7 @@ impl TrainArgs {
         set(&mut t.ae_steps, self.ae_steps);
         set(&mut t.log_every, self.log_every);
         set(&mut t.max_nonfinite, self.max_nonfinite);
+        set(&mut t.save_every, self.save_every);
         set(&mut t.lr_schedule, self.lr_schedule);
         set(&mut t.lr_cooldown, self.lr_cooldown);
         set(&mut t.lr_patience, self.lr_patience);
@@ -281,8 +309,7 @@ impl TrainArgs {
         if self.tie_embeddings.is_none() && m.emb_dim != m.hidden_dim {
             m.tie_embeddings = false;
         }
-        let spec = self.tokenizer.as_deref().unwrap_or(tokenizer).parse()?;
-        Ok((spec, m, t))
+        (m, t)
     }
 
     fn kl_schedule(&self, default: KlSchedule) -> KlSchedule {
@@ -558,11 +585,19 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn run_train(a: TrainArgs) -> Result<()> {
     let device = runtime::parse_device(&a.device)?;
-    let (tokenizer, model, train) = a.configs()?;
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| train::default_out_dir(&a.corpus));
+    let (tokenizer, model, train) = if a.resume && out.join(checkpoint::CONFIG).is_file() {
+        a.resumed_configs(&out)?
+    } else {
+        a.configs()?
+    };
     let req = TrainRequest {
         corpus: a.corpus.clone(),
         valid: a.valid.clone(),
-        out: a.out.clone(),
+        out: Some(out),
         tokenizer,
         vocab_size: a.vocab_size,
         model,
@@ -571,6 +606,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
         resume: a.resume,
         force: a.force,
         poison_steps: Vec::new(),
+        stop_at_step: None,
     };
     // Validate before any slow work; vocab_size is filled in from the tokenizer later.
     req.train.validate()?;
@@ -835,7 +871,7 @@ fn run_encode(a: EncodeArgs) -> Result<()> {
         }
     }
     match &a.output {
-        Some(path) => checkpoint::write_atomic(path, text.as_bytes()),
+        Some(path) => crate::files::write_atomic(path, text.as_bytes()),
         None => std::io::stdout()
             .lock()
             .write_all(text.as_bytes())
@@ -952,4 +988,22 @@ fn run_info(a: InfoArgs) -> Result<()> {
         println!("{line}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn train_help_states_the_default_target_rate() {
+        let mut cli = Cli::command();
+        let train = cli.find_subcommand_mut("train").expect("train subcommand");
+        let help = train.render_long_help().to_string();
+        let stated = format!(
+            "[default: {}; 0 with --preset ptb]",
+            crate::config::TARGET_KL
+        );
+        assert!(help.contains(&stated), "train --help lacks {stated:?}");
+    }
 }

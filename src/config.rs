@@ -385,6 +385,8 @@ pub struct TrainConfig {
     /// Non-finite steps in a row (loss or gradient NaN/inf, each skipped) after which training
     /// stops with an error, keeping the last checkpoint.
     pub max_nonfinite: u64,
+    /// Minutes between checkpoints within an epoch (0 = at epoch ends only).
+    pub save_every: f64,
 }
 
 impl Default for TrainConfig {
@@ -415,6 +417,7 @@ impl Default for TrainConfig {
             min_lr: 1e-5,
             log_every: 50,
             max_nonfinite: 20,
+            save_every: 10.0,
         }
     }
 }
@@ -469,6 +472,11 @@ impl TrainConfig {
             self.bow_weight >= 0.0 && self.bow_weight.is_finite(),
             "--bow-weight must be >= 0, got {}",
             self.bow_weight
+        );
+        ensure!(
+            self.save_every >= 0.0 && self.save_every.is_finite(),
+            "--save-every must be >= 0 minutes, got {}",
+            self.save_every
         );
         ensure!(
             self.lr_cooldown > 0.0 && self.lr_cooldown <= 1.0,

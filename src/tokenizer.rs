@@ -182,7 +182,7 @@ impl TextTokenizer {
             .inner
             .to_string(true)
             .map_err(|e| anyhow!("serialising tokenizer: {e}"))?;
-        crate::checkpoint::write_atomic(path, json.as_bytes())
+        crate::files::write_atomic(path, json.as_bytes())
     }
 
     /// `word` or `bpe`, read off the model type so it is right for loaded files too.

@@ -1,9 +1,11 @@
 //! The training loop: Adam on rec + beta * KL term (free bits, target rate) + the optional
 //! bag-of-words loss, with word dropout and gradient-norm clipping; per-epoch validation with the
 //! evaluation code (ELBO, the training objective at its final beta, greedy reconstruction);
-//! the weights kept by the criterion the user chose; the learning rate halved on a plateau of
-//! that criterion only once beta has settled; atomic checkpoints so a run can be killed at any
-//! moment and resumed.
+//! the weights kept by the criterion the user chose; the learning rate cooled over the end of
+//! the budget, or halved on a plateau of that criterion once beta has settled. Checkpoints (at
+//! epoch ends and every --save-every minutes) hold the weights, Adam's state and the place in
+//! the epoch, and each step's noise is seeded by the step, so a run killed at any moment resumes
+//! exactly where it saved.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -14,19 +16,21 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use tch::nn::{self, OptimizerConfig};
+use tch::nn;
 use tch::{Device, Kind};
 
 use crate::checkpoint::{self as ckpt, CheckpointConfig, TrainState};
 use crate::config::{LrSchedule, ModelConfig, Selection, TrainConfig};
 use crate::data::{self, Batch, Encoded};
 use crate::eval::{evaluate_elbo, iw_nll, perplexity, ElboStats};
+use crate::files::{self, DirLock};
 use crate::latent::{reconstruction_score, Score};
 use crate::loss::{
     beta_at, bow_nll, budget_progress, kl_per_dim, kl_term, kl_term_of_dim_means, linear_lr,
     word_dropout,
 };
 use crate::model::{BowHead, Vae};
+use crate::optim::Adam;
 use crate::sample::{Decoding, Strategy, DECODE_BATCH};
 use crate::tokenizer::{TextTokenizer, TokenizerSpec};
 
@@ -50,6 +54,9 @@ pub struct TrainRequest {
     /// Test hook: the loss of these steps (0-based) is made NaN, as a diverging run's would be.
     #[doc(hidden)]
     pub poison_steps: Vec<u64>,
+    /// Test hook: stop as Ctrl-C would once this many steps are done.
+    #[doc(hidden)]
+    pub stop_at_step: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,39 +145,490 @@ pub fn log(msg: &str) {
 /// Runs training to the end of its epochs or budget, or until `stop` is set (Ctrl-C). The
 /// checkpoint is saved in every case.
 pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
-    let dir = req
-        .out
-        .clone()
-        .unwrap_or_else(|| default_out_dir(&req.corpus));
-    let started = Instant::now();
+    let mut t = Trainer::open(req)?;
+    t.log_plan();
+    let mut stopped_by = StopReason::Epochs;
+    let mut last_valid = ElboStats::default();
+    while t.state.epoch < t.cfg.epochs {
+        let interrupted = t.train_epoch(stop)?;
+        last_valid = t.end_epoch(interrupted.is_some())?;
+        if let Some(reason) = interrupted {
+            stopped_by = reason;
+            break;
+        }
+    }
+    if stopped_by == StopReason::Interrupted {
+        log(&format!(
+            "interrupted: checkpoint saved in {}",
+            t.dir.display()
+        ));
+    }
+    Ok(TrainSummary {
+        dir: t.dir,
+        state: t.state,
+        valid: last_valid,
+        stopped_by,
+    })
+}
 
-    let (model_cfg, train_cfg, resume_tok, mut state) = if req.resume {
-        for f in [
-            ckpt::CONFIG,
-            ckpt::TOKENIZER,
-            ckpt::STATE,
-            ckpt::LAST_WEIGHTS,
-        ] {
-            ensure!(
-                dir.join(f).is_file(),
-                "cannot resume: {} has no {f} (train without --resume first)",
-                dir.display()
+/// A training run in progress: the model, its optimiser and data, where the run stands, and the
+/// directory it saves into (locked while it exists).
+struct Trainer<'a> {
+    req: &'a TrainRequest,
+    dir: PathBuf,
+    _lock: DirLock,
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    prep: Prepared,
+    vs: nn::VarStore,
+    vae: Vae,
+    bow: Option<BowHead>,
+    opt: Adam,
+    state: TrainState,
+    metrics: ckpt::MetricsLog,
+    /// A new model's files, written with its first checkpoint: with --force the old model stays
+    /// whole until then.
+    new_model: Option<NewModel>,
+    started: Instant,
+    /// Seconds the run had trained before this invocation.
+    elapsed_before: f64,
+    /// When the last checkpoint was saved, for --save-every.
+    last_save: Instant,
+    /// Non-finite steps in a row.
+    bad_run: u64,
+    /// Steps in the run's epoch budget, for the linear schedule.
+    total_steps: u64,
+}
+
+impl<'a> Trainer<'a> {
+    fn open(req: &'a TrainRequest) -> Result<Self> {
+        let dir = req
+            .out
+            .clone()
+            .unwrap_or_else(|| default_out_dir(&req.corpus));
+        let started = Instant::now();
+        // A directory that exists is locked before anything in it is read; a new one once the
+        // corpus has been read, so that a mistyped corpus leaves no directory behind.
+        let lock = dir.is_dir().then(|| lock_dir(&dir)).transpose()?;
+        let replacing = !req.resume && dir.join(ckpt::CONFIG).exists();
+        let (model_cfg, cfg, resume_tok, state) = open_run(req, &dir)?;
+        cfg.validate()?;
+        let prep = prepare(req, &cfg, resume_tok)?;
+        let mut model_cfg = model_cfg;
+        model_cfg.vocab_size = prep.tokenizer.vocab_size();
+        model_cfg.validate()?;
+        let lock = match lock {
+            Some(lock) => lock,
+            None => {
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                lock_dir(&dir)?
+            }
+        };
+        tch::manual_seed(step_seed(cfg.seed, 0));
+        let vs = nn::VarStore::new(req.device);
+        let vae = Vae::new(vs.root(), &model_cfg);
+        let bow = (cfg.bow_weight > 0.0).then(|| BowHead::new(vs.root() / "bow", &model_cfg));
+        let opt = Adam::new(&vs);
+        let mut t = Self {
+            req,
+            // Writes nothing until `resume` or `start_new` says what the log holds.
+            metrics: ckpt::MetricsLog::new(&dir, false),
+            dir,
+            _lock: lock,
+            total_steps: 0,
+            cfg,
+            model_cfg,
+            prep,
+            vs,
+            vae,
+            bow,
+            opt,
+            state,
+            new_model: None,
+            started,
+            elapsed_before: 0.0,
+            last_save: Instant::now(),
+            bad_run: 0,
+        };
+        if req.resume {
+            t.resume()?;
+        } else {
+            t.start_new(replacing)?;
+        }
+        t.elapsed_before = t.state.elapsed_secs;
+        t.total_steps = (t.cfg.epochs * t.epoch_batches(0).len()) as u64;
+        t.check_budget_left()?;
+        Ok(t)
+    }
+
+    /// Loads the resume point: weights, the optimiser's state and the training state saved with
+    /// them, and the metrics log up to that step.
+    fn resume(&mut self) -> Result<()> {
+        let path = self.dir.join(ckpt::LAST_WEIGHTS);
+        self.vs
+            .load(&path)
+            .with_context(|| format!("loading {}", path.display()))?;
+        let point = ckpt::read_resume_point(&path)?;
+        if let Some(saved) = point.state {
+            // The file's own state: state.json may be a save behind it after a kill, and is
+            // brought level so that it says where the run resumed.
+            self.state = saved;
+            ckpt::write_json(&self.dir.join(ckpt::STATE), &self.state)?;
+        }
+        let mut config: CheckpointConfig = ckpt::read_json(&self.dir.join(ckpt::CONFIG))?;
+        if self.cfg.lr != config.train.lr {
+            // A new --lr replaces the rate where the plateau schedule had brought it.
+            self.state.lr = self.cfg.lr;
+        }
+        if self.cfg != config.train {
+            // The settings the run now trains with, so that a later --resume starts from them.
+            config.train = self.cfg.clone();
+            ckpt::write_json(&self.dir.join(ckpt::CONFIG), &config)?;
+        }
+        let exact = self.opt.load_state(&point.tensors)?;
+        let (metrics, dropped) = ckpt::MetricsLog::resume(&self.dir, self.state.step)?;
+        self.metrics = metrics;
+        let s = &self.state;
+        log(&format!(
+            "resuming {} at epoch {}, batch {} of epoch {}, step {}, lr {:.2e}{}{}",
+            self.dir.display(),
+            s.epoch,
+            s.batch_in_epoch,
+            s.epoch + 1,
+            s.step,
+            s.lr,
+            if exact {
+                ""
+            } else {
+                "; the checkpoint has no optimiser state (an older textvae wrote it): Adam's moments start from zero"
+            },
+            if dropped > 0 {
+                format!("; {dropped} metrics records past that step dropped (trained again)")
+            } else {
+                String::new()
+            }
+        ));
+        Ok(())
+    }
+
+    /// A new run's files: written now, or with --force at the first checkpoint.
+    fn start_new(&mut self, replacing: bool) -> Result<()> {
+        let files = NewModel {
+            config: CheckpointConfig {
+                textvae_version: crate::VERSION.to_string(),
+                libtorch_version: crate::LIBTORCH_VERSION.to_string(),
+                tokenizer: self.prep.tokenizer.kind().to_string(),
+                corpus: self.req.corpus.display().to_string(),
+                corpus_digest: Some(files::digest(&self.req.corpus)?),
+                valid: self.req.valid.as_ref().map(|v| v.display().to_string()),
+                valid_digest: self.req.valid.as_deref().map(files::digest).transpose()?,
+                model: self.model_cfg.clone(),
+                train: self.cfg.clone(),
+            },
+            heldout: self.prep.heldout.clone(),
+        };
+        if replacing {
+            log(&format!(
+                "--force: the model in {} is replaced when this run saves its first checkpoint",
+                self.dir.display()
+            ));
+            self.new_model = Some(files);
+        } else {
+            files.install(&self.dir, &self.prep.tokenizer)?;
+        }
+        self.metrics = ckpt::MetricsLog::new(&self.dir, !replacing);
+        Ok(())
+    }
+
+    /// The budget is the run's, not this invocation's: a resumed run has what its earlier parts
+    /// left of --max-minutes and --epochs.
+    fn check_budget_left(&self) -> Result<()> {
+        let s = &self.state;
+        ensure!(
+            s.epoch < self.cfg.epochs && self.budget().is_none_or(|b| s.elapsed_secs < b),
+            "{} has already had its budget ({} of {} epochs, {:.1} minutes{}): raise --epochs or --max-minutes to train on",
+            self.dir.display(),
+            s.epoch,
+            self.cfg.epochs,
+            s.elapsed_secs / 60.0,
+            self.cfg
+                .max_minutes
+                .map_or_else(String::new, |m| format!(" of {m}"))
+        );
+        Ok(())
+    }
+
+    fn budget(&self) -> Option<f64> {
+        self.cfg.max_minutes.map(|m| m * 60.0)
+    }
+
+    fn run_secs(&self) -> f64 {
+        self.elapsed_before + self.started.elapsed().as_secs_f64()
+    }
+
+    /// The batches of epoch `epoch` (0-based), as sentence indices. Each epoch's shuffle is
+    /// seeded by the epoch, so a resumed run sees the batches it would have seen without the
+    /// interruption.
+    fn epoch_batches(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let lengths: Vec<usize> = self.prep.train.seqs.iter().map(Vec::len).collect();
+        let mut rng = crate::seeded_rng(self.cfg.seed.wrapping_add(epoch as u64));
+        data::bucket_batches(&lengths, self.cfg.batch_size, &mut rng)
+    }
+
+    /// The run's data, model and objective in the log.
+    fn log_plan(&self) {
+        let params: i64 = self
+            .vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
+        let lengths: Vec<usize> = self.prep.train.seqs.iter().map(Vec::len).collect();
+        let preview = self.epoch_batches(self.state.epoch);
+        let prep = &self.prep;
+        log(&format!(
+            "training {} on {}: {} sentences ({} tokens), validation {} sentences; {} tokenizer, {} tokens; {:.1}M parameters; padding {:.1}% of batch positions; device {}, {} threads",
+            self.dir.display(),
+            self.req.corpus.display(),
+            prep.train.seqs.len(),
+            prep.train.total_tokens(),
+            prep.valid.seqs.len(),
+            prep.tokenizer.kind(),
+            self.model_cfg.vocab_size,
+            params as f64 / 1e6,
+            100.0 * data::padding_share(&lengths, &preview),
+            crate::runtime::device_name(self.req.device),
+            tch::get_num_threads(),
+        ));
+        log(&objective_plan(&self.cfg));
+        log(&lr_plan(&self.cfg));
+    }
+
+    /// Trains the rest of the current epoch. Some(reason) when it stopped early (interrupt or
+    /// time budget), None when the epoch ran to its end.
+    fn train_epoch(&mut self, stop: &AtomicBool) -> Result<Option<StopReason>> {
+        let epoch = self.state.epoch + 1;
+        let batches = self.epoch_batches(self.state.epoch);
+        let bar = progress_bar(std::io::stderr().is_terminal(), batches.len() as u64, epoch);
+        let start = self.state.batch_in_epoch.min(batches.len());
+        if let Some(bar) = &bar {
+            bar.set_position(start as u64);
+        }
+        let mut window = Window::new();
+        let mut stopped = None;
+        for idx in &batches[start..] {
+            let beta = self.train_step(idx, &mut window)?;
+            self.state.batch_in_epoch += 1;
+            if let Some(bar) = &bar {
+                bar.inc(1);
+                bar.set_message(window.message(beta));
+            }
+            if self.state.step.is_multiple_of(self.cfg.log_every) {
+                self.metrics
+                    .append(&window.record(self.state.step, epoch, beta, self.state.lr))?;
+                if bar.is_none() {
+                    log(&format!(
+                        "epoch {epoch} step {} {}",
+                        self.state.step,
+                        window.message(beta)
+                    ));
+                }
+                window = Window::new();
+            }
+            if stop.load(Ordering::SeqCst) || self.req.stop_at_step == Some(self.state.step) {
+                stopped = Some(StopReason::Interrupted);
+            } else if self.budget().is_some_and(|b| self.run_secs() >= b) {
+                stopped = Some(StopReason::TimeBudget);
+            }
+            if stopped.is_some() {
+                break;
+            }
+            if self.save_due() && self.state.batch_in_epoch < batches.len() {
+                self.save_resume_point()?;
+            }
+        }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        Ok(stopped)
+    }
+
+    /// One optimiser step on the batch of sentences `idx`; returns the step's beta.
+    fn train_step(&mut self, idx: &[usize], window: &mut Window) -> Result<f64> {
+        let cfg = &self.cfg;
+        let rows: Vec<&[i64]> = idx
+            .iter()
+            .map(|&i| self.prep.train.seqs[i].as_slice())
+            .collect();
+        let batch = Batch::new(&rows, self.req.device);
+        if cfg.ae_steps > 0 && self.state.step == cfg.ae_steps {
+            reinit_decoder(&self.vs, &self.model_cfg)?;
+            // Adam's moments belong to the old decoder: start them afresh.
+            self.opt.reset();
+            log(&format!(
+                "step {}: autoencoder pretraining done; decoder re-initialised, KL schedule starts",
+                self.state.step
+            ));
+        }
+        if cfg.lr_schedule == LrSchedule::Linear {
+            let p = budget_progress(
+                self.run_secs(),
+                self.budget(),
+                self.state.step,
+                self.total_steps,
             );
+            self.state.lr = linear_lr(cfg.lr, cfg.min_lr, cfg.lr_cooldown, p);
         }
-        let saved: CheckpointConfig = ckpt::read_json(&dir.join(ckpt::CONFIG))?;
-        let tok = TextTokenizer::load(&dir.join(ckpt::TOKENIZER))?;
-        ckpt::check_tokenizer(&tok, &saved)?;
-        if let TokenizerSpec::File(f) = &req.tokenizer {
-            let given = TextTokenizer::load(f)?;
-            ckpt::check_tokenizer(&given, &saved)
-                .with_context(|| format!("--tokenizer {}", f.display()))?;
+        // The noise of each step (word dropout, z, dropout) is a function of the step alone,
+        // so a resumed run draws what the uninterrupted one would have.
+        tch::manual_seed(step_seed(cfg.seed, self.state.step));
+        let beta = beta_at(&cfg.kl_schedule, cfg.ae_steps, self.state.step);
+        let (mut loss, rec, kl) = batch_loss(&self.vae, self.bow.as_ref(), &batch, cfg, beta);
+        if self.req.poison_steps.contains(&self.state.step) {
+            loss *= f64::NAN;
         }
-        let state: TrainState = ckpt::read_json(&dir.join(ckpt::STATE))?;
-        let mut train = saved.train.clone();
-        train.epochs = req.train.epochs;
-        train.max_minutes = req.train.max_minutes;
-        (saved.model, train, Some(tok), state)
-    } else {
+        let applied = finite_step(&mut self.opt, &loss, cfg.clip_norm, self.state.lr)?;
+        self.state.step += 1;
+        match applied {
+            Some(loss) => {
+                self.bad_run = 0;
+                let kl = kl
+                    .sum_dim_intlist([1].as_slice(), false, Kind::Float)
+                    .mean(Kind::Float)
+                    .double_value(&[]);
+                window.add(loss, f64::try_from(&rec)?, kl, batch.n_tokens);
+            }
+            None => {
+                window.skipped += 1;
+                self.bad_run += 1;
+                skipped_step(&mut self.state, self.bad_run, &self.cfg, &self.dir)?;
+            }
+        }
+        Ok(beta)
+    }
+
+    /// Whether --save-every says a checkpoint within the epoch is due. Not before this run's
+    /// model is in the directory: a --force run leaves the old one whole until its first epoch.
+    fn save_due(&self) -> bool {
+        self.cfg.save_every > 0.0
+            && self.new_model.is_none()
+            && self.last_save.elapsed().as_secs_f64() >= self.cfg.save_every * 60.0
+    }
+
+    /// A checkpoint within an epoch: what --resume needs, no validation.
+    fn save_resume_point(&mut self) -> Result<()> {
+        self.state.elapsed_secs = self.run_secs();
+        ckpt::save_resume_point(
+            &self.dir.join(ckpt::LAST_WEIGHTS),
+            &self.vs,
+            self.opt.named_state(),
+            &self.state,
+        )?;
+        ckpt::write_json(&self.dir.join(ckpt::STATE), &self.state)?;
+        self.last_save = Instant::now();
+        Ok(())
+    }
+
+    /// Validation, model selection, the plateau schedule and the checkpoint at the end of an
+    /// epoch, or where an interrupted one stopped (`partial`).
+    fn end_epoch(&mut self, partial: bool) -> Result<ElboStats> {
+        let epoch = self.state.epoch + 1;
+        if !partial {
+            self.state.epoch += 1;
+            self.state.batch_in_epoch = 0;
+        }
+        let cfg = &self.cfg;
+        let v = validate(&self.vae, &self.prep.valid.seqs, cfg, self.req.device);
+        let settled = cfg.settled_at().is_some_and(|s| self.state.step >= s);
+        let state = &mut self.state;
+        let improved =
+            v.criterion.is_finite() && state.best_valid.is_none_or(|b| v.criterion < b - 1e-4);
+        if improved {
+            state.best_valid = Some(v.criterion);
+            state.bad_epochs = 0;
+        } else if !partial && settled && cfg.lr_schedule == LrSchedule::Plateau {
+            // Before beta settles the objective is still moving under the model's feet: a
+            // plateau then says nothing about the learning rate.
+            state.bad_epochs += 1;
+            if state.bad_epochs >= cfg.lr_patience {
+                state.lr = (state.lr * cfg.lr_decay).max(cfg.min_lr);
+                state.bad_epochs = 0;
+            }
+        }
+        let keep = improved || cfg.select == Selection::Last;
+        self.state.elapsed_secs = self.run_secs();
+        log_epoch(epoch, partial, &v, &self.state, cfg, &self.model_cfg, keep);
+        if let Some(files) = self.new_model.take() {
+            files.install(&self.dir, &self.prep.tokenizer)?;
+            self.metrics.start_writing()?;
+        }
+        if keep {
+            ckpt::save_weights(&self.vs, &self.dir.join(ckpt::WEIGHTS))?;
+        }
+        self.metrics
+            .append(&v.record(epoch, &self.state, partial))?;
+        self.save_resume_point()?;
+        if self.dir.join(ckpt::WEIGHTS).is_file() {
+            // Recorded once a loadable model exists, so `generate` never finds a half-made one.
+            ckpt::record_latest(&self.dir)?;
+        }
+        Ok(v.stats)
+    }
+}
+
+/// The seed of libtorch's generator at training step `step` of a run seeded `seed`: mixed, so
+/// that runs seeded s and s + 1 do not draw the same noise a step apart.
+fn step_seed(seed: u64, step: u64) -> i64 {
+    (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step) as i64
+}
+
+/// What the run optimises and which weights it keeps, in words, for the log.
+fn objective_plan(cfg: &TrainConfig) -> String {
+    // A clause of the objective's description, present only when its setting is on.
+    let clause = |on: bool, text: String| if on { text } else { String::new() };
+    format!(
+        "keeping the weights with the best {} (--select {}); objective rec + beta * KL term{}{}{}",
+        cfg.select.describe(),
+        cfg.select
+            .to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_string()),
+        clause(
+            cfg.free_bits > 0.0,
+            format!(", free bits {} nats/dim", cfg.free_bits)
+        ),
+        clause(
+            cfg.target_kl > 0.0,
+            format!(", target rate {} nats", cfg.target_kl)
+        ),
+        clause(
+            cfg.bow_weight > 0.0,
+            format!(" + {} * bag-of-words loss", cfg.bow_weight)
+        ),
+    )
+}
+
+/// Locks the checkpoint directory `dir` for this run and clears the temporary files a killed
+/// run may have left in it.
+fn lock_dir(dir: &Path) -> Result<DirLock> {
+    let lock = DirLock::acquire(dir)?;
+    let stale = files::remove_stale_temps(dir)?;
+    if stale > 0 {
+        log(&format!(
+            "removed {stale} temporary files an interrupted save left in {}",
+            dir.display()
+        ));
+    }
+    Ok(lock)
+}
+
+/// The configs, the tokenizer to keep (on --resume) and the state the run starts from: the
+/// checkpoint's on --resume, the request's otherwise.
+fn open_run(
+    req: &TrainRequest,
+    dir: &Path,
+) -> Result<(ModelConfig, TrainConfig, Option<TextTokenizer>, TrainState)> {
+    if !req.resume {
         if dir.join(ckpt::CONFIG).exists() && !req.force {
             bail!(
                 "{} already holds a model: continue it with --resume, replace it with --force, or choose --out",
@@ -181,268 +639,155 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
             lr: req.train.lr,
             ..Default::default()
         };
-        (req.model.clone(), req.train.clone(), None, state)
+        return Ok((req.model.clone(), req.train.clone(), None, state));
+    }
+    for f in [
+        ckpt::CONFIG,
+        ckpt::TOKENIZER,
+        ckpt::STATE,
+        ckpt::LAST_WEIGHTS,
+    ] {
+        ensure!(
+            dir.join(f).is_file(),
+            "cannot resume: {} has no {f} (train without --resume first)",
+            dir.display()
+        );
+    }
+    let saved: CheckpointConfig = ckpt::read_json(&dir.join(ckpt::CONFIG))?;
+    check_same_data(req, &saved)?;
+    let (model, train) = resumed_configs(req, &saved)?;
+    let tok = TextTokenizer::load(&dir.join(ckpt::TOKENIZER))?;
+    ckpt::check_tokenizer(&tok, &saved)?;
+    if let TokenizerSpec::File(f) = &req.tokenizer {
+        let given = TextTokenizer::load(f)?;
+        ckpt::check_tokenizer(&given, &saved)
+            .with_context(|| format!("--tokenizer {}", f.display()))?;
+    }
+    let state: TrainState = ckpt::read_json(&dir.join(ckpt::STATE))?;
+    Ok((model, train, Some(tok), state))
+}
+
+/// What a resumed run may change: its budget, checkpointing, logging and the learning rate.
+const RESUME_MAY_CHANGE: &[&str] = &[
+    "epochs",
+    "max_minutes",
+    "save_every",
+    "lr",
+    "log_every",
+    "max_nonfinite",
+];
+
+/// The configs a resumed run trains with: the saved model, and the saved training config with
+/// what `RESUME_MAY_CHANGE` allows taken from the request (each change logged). Any other
+/// setting the request changes is an error that names it.
+fn resumed_configs(
+    req: &TrainRequest,
+    saved: &CheckpointConfig,
+) -> Result<(ModelConfig, TrainConfig)> {
+    let flag = |key: &str| format!("--{}", key.replace('_', "-"));
+    let mut asked = req.model.clone();
+    // Filled in from the tokenizer, never asked for.
+    asked.vocab_size = saved.model.vocab_size;
+    if let Some((key, was, now)) = changed_settings(&saved.model, &asked)?.first() {
+        bail!(
+            "--resume continues the run's model: {} {now} differs from its {was} (train a new model with --force or another --out)",
+            flag(key)
+        );
+    }
+    for (key, was, now) in changed_settings(&saved.train, &req.train)? {
+        ensure!(
+            RESUME_MAY_CHANGE.contains(&key.as_str()),
+            "--resume continues the run as it was set up: {} {now} differs from its {was} (only {} may change)",
+            flag(&key),
+            RESUME_MAY_CHANGE.iter().map(|k| flag(k)).collect::<Vec<_>>().join(", ")
+        );
+        log(&format!("resuming with {} {now} (was {was})", flag(&key)));
+    }
+    Ok((saved.model.clone(), req.train.clone()))
+}
+
+/// The settings (serde keys) whose values differ between `a` and `b`, with both values.
+fn changed_settings<T: serde::Serialize>(
+    a: &T,
+    b: &T,
+) -> Result<Vec<(String, serde_json::Value, serde_json::Value)>> {
+    let (a, b) = (serde_json::to_value(a)?, serde_json::to_value(b)?);
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        bail!("settings are not an object");
     };
-    train_cfg.validate()?;
+    Ok(a.iter()
+        .filter(|(k, v)| b.get(*k) != Some(v))
+        .map(|(k, v)| (k.clone(), v.clone(), b.get(k).cloned().unwrap_or_default()))
+        .collect())
+}
 
-    let prep = prepare(req, &train_cfg, resume_tok)?;
-    let mut model_cfg = model_cfg;
-    model_cfg.vocab_size = prep.tokenizer.vocab_size();
-    model_cfg.validate()?;
+/// A resumed run must read the corpus and validation sentences it started with: a changed file
+/// would silently change what "epoch" and "validation" mean.
+fn check_same_data(req: &TrainRequest, saved: &CheckpointConfig) -> Result<()> {
+    if let Some(digest) = &saved.corpus_digest {
+        ensure!(
+            &files::digest(&req.corpus)? == digest,
+            "cannot resume: {} is not the corpus this run trained on ({}, {digest})",
+            req.corpus.display(),
+            saved.corpus
+        );
+    }
+    if saved.corpus_digest.is_none() {
+        // Written before digests were kept: nothing to compare.
+        return Ok(());
+    }
+    match (&req.valid, &saved.valid, &saved.valid_digest) {
+        (None, None, _) => Ok(()),
+        (Some(v), Some(_), Some(digest)) if &files::digest(v)? == digest => Ok(()),
+        (Some(v), _, _) => bail!(
+            "cannot resume: --valid {} is not what this run validated on ({})",
+            v.display(),
+            saved
+                .valid
+                .as_deref()
+                .unwrap_or("sentences split off the corpus: resume without --valid")
+        ),
+        (None, Some(v), _) => bail!("cannot resume: this run validated on {v}: give --valid {v}"),
+    }
+}
 
-    tch::manual_seed(train_cfg.seed as i64 + state.step as i64);
-    let mut vs = nn::VarStore::new(req.device);
-    let vae = Vae::new(vs.root(), &model_cfg);
-    let bow = (train_cfg.bow_weight > 0.0).then(|| BowHead::new(vs.root() / "bow", &model_cfg));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    if req.resume {
-        vs.load(dir.join(ckpt::LAST_WEIGHTS))
-            .with_context(|| format!("loading {}", dir.join(ckpt::LAST_WEIGHTS).display()))?;
-        log(&format!(
-            "resuming {} at epoch {}, step {}, lr {:.2e}",
-            dir.display(),
-            state.epoch,
-            state.step,
-            state.lr
-        ));
-    } else {
-        for stale in [
-            ckpt::METRICS,
+/// The files that make a new run's directory a model, written once (at the start, or with
+/// --force at its first checkpoint).
+struct NewModel {
+    config: CheckpointConfig,
+    /// The held-out sentences when they were split off the corpus.
+    heldout: Option<Vec<String>>,
+}
+
+impl NewModel {
+    /// Replaces whatever model `dir` held by this run's config and tokenizer. The old weights go
+    /// first, so a kill half-way leaves an incomplete checkpoint (an error on loading), never
+    /// old weights read through a new tokenizer.
+    fn install(self, dir: &Path, tokenizer: &TextTokenizer) -> Result<()> {
+        for old in [
             ckpt::WEIGHTS,
             ckpt::LAST_WEIGHTS,
             ckpt::STATE,
             ckpt::HELDOUT,
+            ckpt::METRICS,
         ] {
-            let p = dir.join(stale);
+            let p = dir.join(old);
             if p.exists() {
                 std::fs::remove_file(&p)
                     .with_context(|| format!("removing old {}", p.display()))?;
             }
         }
-        let config = CheckpointConfig {
-            textvae_version: crate::VERSION.to_string(),
-            libtorch_version: crate::LIBTORCH_VERSION.to_string(),
-            tokenizer: prep.tokenizer.kind().to_string(),
-            corpus: req.corpus.display().to_string(),
-            model: model_cfg.clone(),
-            train: train_cfg.clone(),
-        };
-        ckpt::write_json(&dir.join(ckpt::CONFIG), &config)?;
-        prep.tokenizer.save(&dir.join(ckpt::TOKENIZER))?;
-        if let Some(lines) = &prep.heldout {
+        ckpt::write_json(&dir.join(ckpt::CONFIG), &self.config)?;
+        tokenizer.save(&dir.join(ckpt::TOKENIZER))?;
+        if let Some(lines) = &self.heldout {
             // Kept so that the model can be evaluated on exactly the sentences it never saw.
-            ckpt::write_atomic(
+            files::write_atomic(
                 &dir.join(ckpt::HELDOUT),
                 (lines.join("\n") + "\n").as_bytes(),
             )?;
         }
+        Ok(())
     }
-
-    let params: i64 = vs
-        .trainable_variables()
-        .iter()
-        .map(|t| t.numel() as i64)
-        .sum();
-    let lengths: Vec<usize> = prep.train.seqs.iter().map(Vec::len).collect();
-    // Each epoch's shuffle is seeded by the epoch, so a resumed run sees the batches it would
-    // have seen without the interruption.
-    let epoch_batches = |epoch: usize| {
-        let mut rng = crate::seeded_rng(train_cfg.seed.wrapping_add(epoch as u64));
-        data::bucket_batches(&lengths, train_cfg.batch_size, &mut rng)
-    };
-    let preview = epoch_batches(state.epoch);
-    log(&format!(
-        "training {} on {}: {} sentences ({} tokens), validation {} sentences; {} tokenizer, {} tokens; {:.1}M parameters; padding {:.1}% of batch positions; device {}, {} threads",
-        dir.display(),
-        req.corpus.display(),
-        prep.train.seqs.len(),
-        prep.train.total_tokens(),
-        prep.valid.seqs.len(),
-        prep.tokenizer.kind(),
-        model_cfg.vocab_size,
-        params as f64 / 1e6,
-        100.0 * data::padding_share(&lengths, &preview),
-        crate::runtime::device_name(req.device),
-        tch::get_num_threads(),
-    ));
-
-    // A clause of the objective's description, present only when its setting is on.
-    let clause = |on: bool, text: String| if on { text } else { String::new() };
-    log(&format!(
-        "keeping the weights with the best {} (--select {}); objective rec + beta * KL term{}{}{}",
-        train_cfg.select.describe(),
-        train_cfg
-            .select
-            .to_possible_value()
-            .map_or_else(String::new, |v| v.get_name().to_string()),
-        clause(
-            train_cfg.free_bits > 0.0,
-            format!(", free bits {} nats/dim", train_cfg.free_bits)
-        ),
-        clause(
-            train_cfg.target_kl > 0.0,
-            format!(", target rate {} nats", train_cfg.target_kl)
-        ),
-        clause(
-            train_cfg.bow_weight > 0.0,
-            format!(" + {} * bag-of-words loss", train_cfg.bow_weight)
-        ),
-    ));
-    let mut opt = nn::Adam::default().build(&vs, state.lr)?;
-    let budget = train_cfg.max_minutes.map(|m| m * 60.0);
-    // The budget is the run's, not this invocation's: a resumed run has what its earlier parts
-    // left of --max-minutes and --epochs, and the linear schedule goes on from where it was.
-    let total_steps = (train_cfg.epochs * preview.len()) as u64;
-    let elapsed_before = state.elapsed_secs;
-    let run_secs = || elapsed_before + started.elapsed().as_secs_f64();
-    ensure!(
-        state.epoch < train_cfg.epochs && budget.is_none_or(|b| elapsed_before < b),
-        "{} has already had its budget ({} of {} epochs, {:.1} minutes{}): raise --epochs or --max-minutes to train on",
-        dir.display(),
-        state.epoch,
-        train_cfg.epochs,
-        elapsed_before / 60.0,
-        train_cfg
-            .max_minutes
-            .map_or_else(String::new, |m| format!(" of {m}"))
-    );
-    log(&lr_plan(&train_cfg));
-    let trainable = vs.trainable_variables();
-    // Non-finite steps in a row.
-    let mut bad_run = 0u64;
-    let mut stopped_by = StopReason::Epochs;
-    let mut last_valid = ElboStats::default();
-    let terminal = std::io::stderr().is_terminal();
-
-    while state.epoch < train_cfg.epochs {
-        let epoch = state.epoch + 1;
-        let batches = epoch_batches(state.epoch);
-        let bar = progress_bar(terminal, batches.len() as u64, epoch);
-        let mut window = Window::new();
-        let mut interrupted = None;
-        for idx in &batches {
-            let rows: Vec<&[i64]> = idx.iter().map(|&i| prep.train.seqs[i].as_slice()).collect();
-            let batch = Batch::new(&rows, req.device);
-            if train_cfg.ae_steps > 0 && state.step == train_cfg.ae_steps {
-                reinit_decoder(&vs, &model_cfg)?;
-                // Adam's moments belong to the old decoder: start them afresh.
-                opt = nn::Adam::default().build(&vs, state.lr)?;
-                log(&format!(
-                    "step {}: autoencoder pretraining done; decoder re-initialised, KL schedule starts",
-                    state.step
-                ));
-            }
-            if train_cfg.lr_schedule == LrSchedule::Linear {
-                let p = budget_progress(run_secs(), budget, state.step, total_steps);
-                state.lr = linear_lr(train_cfg.lr, train_cfg.min_lr, train_cfg.lr_cooldown, p);
-                opt.set_lr(state.lr);
-            }
-            let beta = beta_at(&train_cfg.kl_schedule, train_cfg.ae_steps, state.step);
-            let (mut loss, rec, kl) = batch_loss(&vae, bow.as_ref(), &batch, &train_cfg, beta);
-            if req.poison_steps.contains(&state.step) {
-                loss *= f64::NAN;
-            }
-            let applied = finite_step(&mut opt, &trainable, &loss, train_cfg.clip_norm)?;
-            state.step += 1;
-            if let Some(loss) = applied {
-                bad_run = 0;
-                window.add(
-                    loss,
-                    f64::try_from(&rec)?,
-                    kl.sum_dim_intlist([1].as_slice(), false, Kind::Float)
-                        .mean(Kind::Float)
-                        .double_value(&[]),
-                    batch.n_tokens,
-                );
-            } else {
-                window.skipped += 1;
-                bad_run += 1;
-                skipped_step(&mut state, bad_run, &train_cfg, &dir)?;
-            }
-            if let Some(bar) = &bar {
-                bar.inc(1);
-                bar.set_message(window.message(beta));
-            }
-            if state.step % train_cfg.log_every == 0 {
-                ckpt::append_metrics(&dir, &window.record(state.step, epoch, beta, state.lr))?;
-                if bar.is_none() {
-                    log(&format!(
-                        "epoch {epoch} step {} {}",
-                        state.step,
-                        window.message(beta)
-                    ));
-                }
-                window = Window::new();
-            }
-            if stop.load(Ordering::SeqCst) {
-                interrupted = Some(StopReason::Interrupted);
-                break;
-            }
-            if budget.is_some_and(|b| run_secs() >= b) {
-                interrupted = Some(StopReason::TimeBudget);
-                break;
-            }
-        }
-        if let Some(bar) = bar {
-            bar.finish_and_clear();
-        }
-        if interrupted.is_none() {
-            state.epoch += 1;
-        }
-        let v = validate(&vae, &prep.valid.seqs, &train_cfg, req.device);
-        let settled = train_cfg.settled_at().is_some_and(|s| state.step >= s);
-        let improved =
-            v.criterion.is_finite() && state.best_valid.is_none_or(|b| v.criterion < b - 1e-4);
-        if improved {
-            state.best_valid = Some(v.criterion);
-            state.bad_epochs = 0;
-        } else if interrupted.is_none() && settled && train_cfg.lr_schedule == LrSchedule::Plateau {
-            // Before beta settles the objective is still moving under the model's feet: a
-            // plateau then says nothing about the learning rate.
-            state.bad_epochs += 1;
-            if state.bad_epochs >= train_cfg.lr_patience {
-                state.lr = (state.lr * train_cfg.lr_decay).max(train_cfg.min_lr);
-                opt.set_lr(state.lr);
-                state.bad_epochs = 0;
-            }
-        }
-        let keep = improved || train_cfg.select == Selection::Last;
-        if keep {
-            ckpt::save_weights(&vs, &dir.join(ckpt::WEIGHTS))?;
-        }
-        state.elapsed_secs = run_secs();
-        log_epoch(
-            epoch,
-            interrupted.is_some(),
-            &v,
-            &state,
-            &train_cfg,
-            &model_cfg,
-            keep,
-        );
-        ckpt::append_metrics(&dir, &v.record(epoch, &state, interrupted.is_some()))?;
-        last_valid = v.stats;
-        ckpt::save_weights(&vs, &dir.join(ckpt::LAST_WEIGHTS))?;
-        ckpt::write_json(&dir.join(ckpt::STATE), &state)?;
-        // Recorded once a loadable model exists, so `generate` never finds a half-made one.
-        ckpt::record_latest(&dir)?;
-        if let Some(reason) = interrupted {
-            stopped_by = reason;
-            break;
-        }
-    }
-    if stopped_by == StopReason::Interrupted {
-        log(&format!(
-            "interrupted: checkpoint saved in {}",
-            dir.display()
-        ));
-    }
-    Ok(TrainSummary {
-        dir,
-        state,
-        valid: last_valid,
-        stopped_by,
-    })
 }
 
 /// Counts a step skipped for a non-finite loss or gradient, the `bad_run`-th in a row, and stops
@@ -466,20 +811,15 @@ fn skipped_step(state: &mut TrainState, bad_run: u64, cfg: &TrainConfig, dir: &P
     Ok(())
 }
 
-/// Backpropagates `loss` and applies the optimiser step with the global gradient norm clipped
-/// to `clip` (as tch's `clip_grad_norm`) — unless the loss or the gradient norm is not finite:
-/// then the gradients are dropped and the weights stay as they were. The loss's value when the
-/// step was applied, None when it was skipped.
-fn finite_step(
-    opt: &mut nn::Optimizer,
-    vars: &[tch::Tensor],
-    loss: &tch::Tensor,
-    clip: f64,
-) -> Result<Option<f64>> {
+/// Backpropagates `loss` and applies the optimiser step at `lr` with the global gradient norm
+/// clipped to `clip` (as tch's `clip_grad_norm`) — unless the loss or the gradient norm is not
+/// finite: then the gradients are dropped and the weights stay as they were. The loss's value
+/// when the step was applied, None when it was skipped.
+fn finite_step(opt: &mut Adam, loss: &tch::Tensor, clip: f64, lr: f64) -> Result<Option<f64>> {
     opt.zero_grad();
     loss.backward();
-    let grads: Vec<tch::Tensor> = vars
-        .iter()
+    let grads: Vec<tch::Tensor> = opt
+        .params()
         .map(|v| v.grad())
         .filter(|g| g.defined())
         .collect();
@@ -498,7 +838,7 @@ fn finite_step(
             }
         });
     }
-    opt.step();
+    opt.step(lr);
     Ok(Some(value))
 }
 

@@ -5,6 +5,7 @@ mod common;
 
 use common::{textvae, train_tiny};
 use std::path::Path;
+use textvae::checkpoint;
 
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
@@ -212,6 +213,31 @@ fn resume_continues_and_existing_models_are_not_overwritten() {
     // The budget is the run's: two epochs are spent, so resuming to two has nothing to do.
     train_tiny(dir.path(), &["--epochs", "2", "--out", "m", "--resume"])
         .fails_with("already had its budget (2 of 2 epochs");
+    // What the run was set up with cannot change on --resume; the budget and the rate can.
+    let resume = |extra: &[&str]| {
+        let mut args = vec!["--epochs", "3", "--out", "m", "--resume"];
+        args.extend_from_slice(extra);
+        train_tiny(dir.path(), &args)
+    };
+    resume(&["--num-layers", "2"]).fails_with("--num-layers 2 differs from its 1");
+    resume(&["--word-dropout", "0.1"]).fails_with("--word-dropout 0.1 differs from its 0.3");
+    resume(&["--valid", common::tiny_corpus().to_str().unwrap()])
+        .fails_with("is not what this run validated on");
+    let other = dir.path().join("other.txt");
+    std::fs::write(&other, read(&common::tiny_corpus()) + "one more line .\n").unwrap();
+    let mut args = vec!["train", other.to_str().unwrap()];
+    args.extend_from_slice(common::TINY_MODEL);
+    args.extend_from_slice(&["--epochs", "3", "--out", "m", "--resume"]);
+    textvae(dir.path(), &args).fails_with("is not the corpus this run trained on");
+    let changed = resume(&["--lr", "0.001"]);
+    changed.ok();
+    assert!(
+        changed
+            .stderr
+            .contains("resuming with --lr 0.001 (was 0.002)"),
+        "{}",
+        changed.stderr
+    );
     train_tiny(dir.path(), &["--epochs", "1", "--out", "m", "--force"]).ok();
     let state: serde_json::Value =
         serde_json::from_str(&read(&dir.path().join("m/state.json"))).unwrap();
@@ -361,17 +387,10 @@ fn bad_inputs_fail_cleanly() {
 #[test]
 fn ctrl_c_stops_after_the_current_step_and_saves() {
     let dir = tempfile::tempdir().unwrap();
-    let corpus = common::tiny_corpus();
-    let mut args = vec!["train", corpus.to_str().unwrap()];
-    args.extend_from_slice(common::TINY_MODEL);
-    args.extend_from_slice(&["--epochs", "100000", "--log-every", "1", "--out", "m"]);
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_textvae"))
-        .args(&args)
-        .current_dir(dir.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = common::spawn_train_tiny(
+        dir.path(),
+        &["--epochs", "100000", "--log-every", "1", "--out", "m"],
+    );
     // Wait until training is under way (a metrics record exists), then interrupt.
     let metrics = dir.path().join("m/metrics.jsonl");
     let start = std::time::Instant::now();
@@ -404,4 +423,157 @@ fn ctrl_c_stops_after_the_current_step_and_saves() {
     let state: serde_json::Value =
         serde_json::from_str(&read(&dir.path().join("m/state.json"))).unwrap();
     assert_eq!(state["epoch"].as_u64().unwrap().to_string(), epochs);
+}
+
+/// One run per checkpoint directory: a second `train` on it is refused while the first runs, and
+/// the lock goes with a killed run instead of staying stuck. `LATEST` is written beside the
+/// directory trained into.
+#[test]
+fn a_second_run_on_a_directory_is_refused_and_a_killed_run_leaves_no_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child =
+        common::spawn_train_tiny(dir.path(), &["--epochs", "100000", "--out", "models/a"]);
+    wait_for_lock(&dir.path().join("models/a"), &child);
+    let refusal = format!("is in use by another training run (process {})", child.id());
+    train_tiny(
+        dir.path(),
+        &["--epochs", "1", "--out", "models/a", "--force"],
+    )
+    .fails_with(&refusal);
+    train_tiny(
+        dir.path(),
+        &["--epochs", "1", "--out", "models/a", "--resume"],
+    )
+    .fails_with(&refusal);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    train_tiny(
+        dir.path(),
+        &["--epochs", "1", "--out", "models/a", "--force"],
+    )
+    .ok();
+    let latest = read(&dir.path().join("models/LATEST"));
+    let trained = std::fs::canonicalize(dir.path().join("models/a")).unwrap();
+    assert_eq!(Path::new(latest.trim()), trained);
+    assert!(!dir.path().join("checkpoints").exists());
+    // Nothing but the model's files is left in the directory: no temporary file.
+    for entry in std::fs::read_dir(dir.path().join("models/a")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        assert!(!name.contains(".tmp"), "{name} left behind");
+    }
+}
+
+/// Killed at 20 seeded random moments — while starting, training or saving — a run always leaves
+/// a directory that loads and resumes from its last save: the resumed step is the saved one, the
+/// step count never goes back, and no step appears twice in the metrics. SIGTERM saves and
+/// exits 0, as Ctrl-C does.
+#[test]
+fn killed_at_random_moments_the_run_always_resumes_from_its_last_save() {
+    use rand::Rng;
+    let dir = tempfile::tempdir().unwrap();
+    train_tiny(dir.path(), &["--epochs", "1", "--out", "m"]).ok();
+    // The step the resume point (last.safetensors, which holds its own state) was saved at.
+    let state_step = || -> u64 {
+        let point = checkpoint::read_resume_point(&dir.path().join("m/last.safetensors")).unwrap();
+        point.state.expect("the resume point holds its state").step
+    };
+    let spawn = || {
+        common::spawn_train_tiny(
+            dir.path(),
+            &[
+                "--out",
+                "m",
+                "--resume",
+                "--epochs",
+                "100000",
+                "--log-every",
+                "1",
+                // A checkpoint every few steps, so that kills land in saves too.
+                "--save-every",
+                "0.0002",
+            ],
+        )
+    };
+    let mut rng = textvae::seeded_rng(20);
+    let mut saved = state_step();
+    let (mut resumed_checked, mut kills_in_saves) = (0, 0);
+    for kill in 0..20 {
+        let mut child = spawn();
+        // Every other kill counts from when the run holds its directory's lock, so that however
+        // slow the machine is at starting processes, half the kills land in training and saving;
+        // the others count from the start and may land in it.
+        if kill % 2 == 1 {
+            wait_for_lock(&dir.path().join("m"), &child);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(
+            rng.random_range(150..1200),
+        ));
+        child.kill().unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // The run started from the step the last one saved.
+        if let Some(line) = stderr.lines().find(|l| l.starts_with("resuming m at")) {
+            assert!(
+                line.contains(&format!(", step {saved},")),
+                "kill {kill}: {line}, saved {saved}"
+            );
+            resumed_checked += 1;
+        }
+        let in_save = std::fs::read_dir(dir.path().join("m"))
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().contains(".tmp"));
+        kills_in_saves += usize::from(in_save);
+        let now = state_step();
+        assert!(
+            now >= saved,
+            "kill {kill}: step went back from {saved} to {now}"
+        );
+        saved = now;
+        textvae(dir.path(), &["generate", "-n", "1", "--checkpoint", "m"]).ok();
+        let steps: Vec<u64> = read(&dir.path().join("m/metrics.jsonl"))
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["kind"] == "train")
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect();
+        assert!(
+            steps.windows(2).all(|w| w[0] < w[1]),
+            "kill {kill}: a step appears twice or out of order in the metrics"
+        );
+    }
+    assert!(
+        resumed_checked >= 5,
+        "only {resumed_checked} runs got as far as resuming"
+    );
+    eprintln!("20 kills: {resumed_checked} after resuming, {kills_in_saves} in the middle of a save, last saved step {saved}");
+    assert!(saved > 0);
+
+    // SIGTERM: saved at the next step boundary, exit 0.
+    let child = spawn();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("checkpoint saved"), "{stderr}");
+    assert!(state_step() > saved, "SIGTERM saved nothing new");
+}
+
+/// Waits until the run `child` holds the lock of checkpoint directory `dir` (the lock file names
+/// its holder once the run has it).
+fn wait_for_lock(dir: &Path, child: &std::process::Child) {
+    let lock = dir.join(".lock");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&lock).ok().as_deref() != Some(&child.id().to_string()) {
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "the run never took its lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }

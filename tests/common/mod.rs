@@ -93,6 +93,22 @@ pub fn train_tiny(dir: &Path, extra: &[&str]) -> Run {
     textvae(dir, &args)
 }
 
+/// `textvae train <tiny corpus> <TINY_MODEL> <extra>` started in `dir` and left running, its
+/// output piped.
+pub fn spawn_train_tiny(dir: &Path, extra: &[&str]) -> std::process::Child {
+    let corpus = tiny_corpus();
+    let mut args = vec!["train", corpus.to_str().unwrap()];
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(extra);
+    Command::new(env!("CARGO_BIN_EXE_textvae"))
+        .args(&args)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting textvae train")
+}
+
 /// Like `textvae`, with `input` on standard input.
 pub fn textvae_stdin(dir: &Path, args: &[&str], input: &str) -> Run {
     use std::io::Write;
