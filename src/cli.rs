@@ -432,6 +432,11 @@ impl DecodeArgs {
     pub fn validate(&self) -> Result<()> {
         anyhow::ensure!(self.batch_size > 0, "--batch-size must be positive");
         anyhow::ensure!(self.max_len != Some(0), "--max-len must be positive");
+        anyhow::ensure!(
+            self.max_len.is_none_or(|m| m <= sample::MAX_DECODE_LEN),
+            "--max-len must be at most {} tokens",
+            sample::MAX_DECODE_LEN
+        );
         Ok(())
     }
 
@@ -711,7 +716,7 @@ fn run_reconstruct(a: ReconstructArgs) -> Result<()> {
         &z.to_device(device),
         &a.decode.decoding(strategy, &model),
         a.decode.batch_size,
-    );
+    )?;
     let mut out = std::io::stdout().lock();
     let mut pairs = Vec::with_capacity(ids.len());
     for (i, line) in corpus.lines.iter().enumerate() {
@@ -762,7 +767,7 @@ fn run_interpolate(a: InterpolateArgs) -> Result<()> {
     let (model, device) = a.model.load()?;
     let zd = model.vae.latent_dim;
     let ends: Vec<(Vec<f64>, Vec<f64>)> = if a.prior {
-        let z = latent::rows(&Tensor::randn([2, zd], (tch::Kind::Float, Device::Cpu)));
+        let z = latent::rows(&Tensor::randn([2, zd], (tch::Kind::Float, Device::Cpu)))?;
         vec![(z[0].clone(), z[1].clone())]
     } else {
         let lines: Vec<String> = pairs
@@ -783,7 +788,7 @@ fn run_interpolate(a: InterpolateArgs) -> Result<()> {
         };
         let seqs = encode_inputs(&model, &corpus)?;
         let (mu, _) = latent::encode(&model.vae, &seqs, a.decode.batch_size, device);
-        let mu = latent::rows(&mu);
+        let mu = latent::rows(&mu)?;
         mu.chunks(2).map(|c| (c[0].clone(), c[1].clone())).collect()
     };
     let mut points = Vec::new();
@@ -852,7 +857,7 @@ fn run_encode(a: EncodeArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let (mu, logvar) = (latent::rows(&mu), latent::rows(&logvar));
+    let (mu, logvar) = (latent::rows(&mu)?, latent::rows(&logvar)?);
     let mut text = String::new();
     let join = |v: &[f64]| {
         v.iter()
@@ -911,7 +916,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         if let Some(bar) = &bar {
             bar.set_position(done as u64);
         }
-    });
+    })?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }

@@ -8,6 +8,7 @@
 //! match and corpus BLEU-4 (REFERENCE §3). Training's per-epoch validation calls
 //! `evaluate_elbo` and `latent::reconstruction_score`, the same code.
 
+use anyhow::Result;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
@@ -40,9 +41,14 @@ pub struct ElboStats {
 }
 
 /// Scores `seqs` (token ids without `</s>`) in batches of `batch_size`, under no-grad.
-pub fn evaluate_elbo(vae: &Vae, seqs: &[Vec<i64>], batch_size: usize, device: Device) -> ElboStats {
+pub fn evaluate_elbo(
+    vae: &Vae,
+    seqs: &[Vec<i64>],
+    batch_size: usize,
+    device: Device,
+) -> Result<ElboStats> {
     if seqs.is_empty() {
-        return ElboStats::default();
+        return Ok(ElboStats::default());
     }
     tch::no_grad(|| {
         let (mut rec, mut tokens) = (0.0f64, 0usize);
@@ -58,9 +64,9 @@ pub fn evaluate_elbo(vae: &Vae, seqs: &[Vec<i64>], batch_size: usize, device: De
             mus.push(out.mu.to_device(Device::Cpu));
         }
         let n = seqs.len() as f64;
-        let kl_dims: Vec<f64> = Vec::try_from(kl_dims / n).unwrap_or_default();
+        let kl_dims: Vec<f64> = Vec::try_from(kl_dims / n)?;
         let (rec, kl) = (rec / n, kl_dims.iter().sum::<f64>());
-        ElboStats {
+        Ok(ElboStats {
             sentences: seqs.len(),
             tokens,
             rec,
@@ -68,7 +74,7 @@ pub fn evaluate_elbo(vae: &Vae, seqs: &[Vec<i64>], batch_size: usize, device: De
             elbo: rec + kl,
             au: active_units(&Tensor::cat(&mus, 0), AU_THRESHOLD),
             kl_dims,
-        }
+        })
     })
 }
 
@@ -239,8 +245,8 @@ pub fn evaluate(
     opts: &EvalOptions,
     device: Device,
     mut progress: impl FnMut(usize),
-) -> EvalReport {
-    let elbo = evaluate_elbo(vae, seqs, opts.batch_size, device);
+) -> Result<EvalReport> {
+    let elbo = evaluate_elbo(vae, seqs, opts.batch_size, device)?;
     let (mut nll, mut done) = (0.0f64, 0usize);
     let (mut mus, mut logvars) = (Vec::new(), Vec::new());
     let mi = tch::no_grad(|| {
@@ -257,9 +263,9 @@ pub fn evaluate(
         }
         mutual_information(&Tensor::cat(&mus, 0), &Tensor::cat(&logvars, 0)) // [N, Z]
     });
-    let rec = reconstruction_score(vae, seqs, &opts.decoding, opts.decode_batch, device);
+    let rec = reconstruction_score(vae, seqs, &opts.decoding, opts.decode_batch, device)?;
     let n = seqs.len().max(1) as f64;
-    EvalReport {
+    Ok(EvalReport {
         sentences: elbo.sentences,
         tokens: elbo.tokens,
         rec: elbo.rec,
@@ -273,7 +279,7 @@ pub fn evaluate(
         rec_acc: rec.token_accuracy,
         rec_exact: rec.exact_match,
         rec_bleu: rec.bleu,
-    }
+    })
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! two codes (Bowman et al. 2016, "homotopies") by linear or spherical interpolation (slerp,
 //! White 2016, which keeps the path where Gaussian mass lives).
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::data::{sorted_batches, Corpus};
@@ -224,20 +224,21 @@ pub fn reconstruction_score(
     decoding: &Decoding,
     batch_size: usize,
     device: Device,
-) -> Score {
+) -> Result<Score> {
     let (mu, _) = encode(vae, seqs, batch_size, device);
-    let outputs = decode_ids(vae, &mu.to_device(device), decoding, batch_size);
+    let outputs = decode_ids(vae, &mu.to_device(device), decoding, batch_size)?;
     let pairs: Vec<(&[i64], &[i64])> = seqs
         .iter()
         .zip(&outputs)
         .map(|(x, y)| (x.as_slice(), y.as_slice()))
         .collect();
-    score(&pairs)
+    Ok(score(&pairs))
 }
 
 /// Rows of a [N, Z] tensor as vectors.
-pub fn rows(t: &Tensor) -> Vec<Vec<f64>> {
-    Vec::<Vec<f64>>::try_from(t.to_kind(Kind::Double).to_device(Device::Cpu)).unwrap_or_default()
+pub fn rows(t: &Tensor) -> Result<Vec<Vec<f64>>> {
+    Vec::<Vec<f64>>::try_from(t.to_kind(Kind::Double).to_device(Device::Cpu))
+        .context("copying latent vectors to the host")
 }
 
 /// Vectors back into a [N, Z] float tensor on `device`.

@@ -233,15 +233,19 @@ fn ban_repeats(scores: &Tensor, histories: &[Vec<i64>], n: usize) -> Tensor {
         .view([-1, v]) // [R, V]
 }
 
+/// The longest sentence a decoding may be asked for: past it a length is a mistake, and a
+/// looping model would run for hours.
+pub const MAX_DECODE_LEN: usize = 10_000;
+
 /// Decodes z [B, Z] into token id sequences (without `<s>`/`</s>`), at most `max_len` tokens each.
-pub fn decode_z(vae: &Vae, z: &Tensor, decoding: &Decoding) -> Vec<Vec<i64>> {
+pub fn decode_z(vae: &Vae, z: &Tensor, decoding: &Decoding) -> Result<Vec<Vec<i64>>> {
     tch::no_grad(|| match decoding.strategy {
         Strategy::Beam { width } => beam_search(vae, z, width, decoding),
         _ => sample_tokens(vae, z, decoding),
     })
 }
 
-fn sample_tokens(vae: &Vae, z: &Tensor, decoding: &Decoding) -> Vec<Vec<i64>> {
+fn sample_tokens(vae: &Vae, z: &Tensor, decoding: &Decoding) -> Result<Vec<Vec<i64>>> {
     let (strategy, max_len, n) = (
         decoding.strategy,
         decoding.max_len,
@@ -253,7 +257,8 @@ fn sample_tokens(vae: &Vae, z: &Tensor, decoding: &Decoding) -> Vec<Vec<i64>> {
     let skip = vae.decoder.z_skip(z); // the same at every step
     let mut tokens = Tensor::full([b], BOS, (Kind::Int64, device));
     let mut finished = Tensor::zeros([b], (Kind::Bool, device));
-    let mut steps = Vec::with_capacity(max_len);
+    // Most sentences end long before max_len: reserve for a typical one.
+    let mut steps = Vec::with_capacity(max_len.min(128));
     // Only n-gram blocking needs the sentences so far on the host at every step.
     let mut histories: Vec<Vec<i64>> = vec![Vec::new(); if n > 0 { b as usize } else { 0 }];
     for _ in 0..max_len {
@@ -263,7 +268,7 @@ fn sample_tokens(vae: &Vae, z: &Tensor, decoding: &Decoding) -> Vec<Vec<i64>> {
         // Finished rows keep emitting padding so that one sync at the end suffices.
         let next = strategy.choose(&logits).masked_fill(&finished, PAD); // [B]
         if n > 0 {
-            let host: Vec<i64> = Vec::try_from(next.to_device(Device::Cpu)).unwrap_or_default();
+            let host: Vec<i64> = Vec::try_from(next.to_device(Device::Cpu))?;
             for (h, t) in histories.iter_mut().zip(host) {
                 h.push(t);
             }
@@ -276,17 +281,18 @@ fn sample_tokens(vae: &Vae, z: &Tensor, decoding: &Decoding) -> Vec<Vec<i64>> {
         }
     }
     if steps.is_empty() {
-        return vec![Vec::new(); b as usize];
+        return Ok(vec![Vec::new(); b as usize]);
     }
     let all = Tensor::stack(&steps, 1).to_device(Device::Cpu); // [B, steps]
-    let rows: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(all).unwrap_or_default();
-    rows.into_iter()
+    let rows: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(all)?;
+    Ok(rows
+        .into_iter()
         .map(|r| {
             r.into_iter()
                 .take_while(|&t| t != EOS && t != PAD)
                 .collect()
         })
-        .collect()
+        .collect())
 }
 
 /// A finished hypothesis: its tokens and its log-probability per token (counting `</s>`).
@@ -300,7 +306,7 @@ struct Hypothesis {
 /// `</s>` among the first K are finished hypotheses, the best K others carry on. A sentence is
 /// done when it has K finished hypotheses; the best by log-probability per token is returned.
 /// With K = 1 this is exactly greedy decoding.
-fn beam_search(vae: &Vae, z: &Tensor, k: usize, decoding: &Decoding) -> Vec<Vec<i64>> {
+fn beam_search(vae: &Vae, z: &Tensor, k: usize, decoding: &Decoding) -> Result<Vec<Vec<i64>>> {
     let (max_len, n) = (decoding.max_len, decoding.no_repeat_ngram);
     let b = z.size()[0] as usize;
     let device = z.device();
@@ -333,10 +339,8 @@ fn beam_search(vae: &Vae, z: &Tensor, k: usize, decoding: &Decoding) -> Vec<Vec<
                 .to_kind(Kind::Double)
                 .view([-1])
                 .to_device(Device::Cpu),
-        )
-        .unwrap_or_default();
-        let top_idx: Vec<i64> =
-            Vec::try_from(top_idx.view([-1]).to_device(Device::Cpu)).unwrap_or_default();
+        )?;
+        let top_idx: Vec<i64> = Vec::try_from(top_idx.view([-1]).to_device(Device::Cpu))?;
         let per = top_idx.len() / b;
 
         let mut src_rows = Vec::with_capacity(b * k);
@@ -398,7 +402,7 @@ fn beam_search(vae: &Vae, z: &Tensor, k: usize, decoding: &Decoding) -> Vec<Vec<
         tokens = Tensor::from_slice(&next_tokens).to_device(device);
     }
     // Sentences that ran out of length compete with their live beams as they stand.
-    (0..b)
+    Ok((0..b)
         .map(|s| {
             let mut best: Option<(f64, &Vec<i64>)> = finished[s]
                 .iter()
@@ -414,20 +418,25 @@ fn beam_search(vae: &Vae, z: &Tensor, k: usize, decoding: &Decoding) -> Vec<Vec<
             }
             best.map(|(_, t)| t.clone()).unwrap_or_default()
         })
-        .collect()
+        .collect())
 }
 
 /// Decodes z [N, Z] (any device) in chunks of `batch_size` rows: token ids per row.
-pub fn decode_ids(vae: &Vae, z: &Tensor, decoding: &Decoding, batch_size: usize) -> Vec<Vec<i64>> {
+pub fn decode_ids(
+    vae: &Vae,
+    z: &Tensor,
+    decoding: &Decoding,
+    batch_size: usize,
+) -> Result<Vec<Vec<i64>>> {
     let n = z.size()[0];
     let mut out = Vec::with_capacity(n as usize);
     let mut start = 0;
     while start < n {
         let len = (n - start).min(batch_size.max(1) as i64);
-        out.extend(decode_z(vae, &z.narrow(0, start, len), decoding));
+        out.extend(decode_z(vae, &z.narrow(0, start, len), decoding)?);
         start += len;
     }
-    out
+    Ok(out)
 }
 
 /// Decodes z [N, Z] in chunks and detokenizes: one sentence per row.
@@ -438,7 +447,7 @@ pub fn decode_texts(
     decoding: &Decoding,
     batch_size: usize,
 ) -> Result<Vec<String>> {
-    decode_ids(vae, z, decoding, batch_size)
+    decode_ids(vae, z, decoding, batch_size)?
         .iter()
         .map(|ids| tok.decode(ids))
         .collect()
@@ -587,10 +596,10 @@ mod tests {
         let _rng = crate::seeded(4);
         let (_vs, vae) = tiny_vae();
         let z = Tensor::randn([16, 6], (Kind::Float, Device::Cpu)) * 3.0;
-        let greedy = decode_z(&vae, &z, &Decoding::new(Strategy::Greedy, 12));
-        let beam1 = decode_z(&vae, &z, &Decoding::new(Strategy::Beam { width: 1 }, 12));
+        let greedy = decode_z(&vae, &z, &Decoding::new(Strategy::Greedy, 12)).unwrap();
+        let beam1 = decode_z(&vae, &z, &Decoding::new(Strategy::Beam { width: 1 }, 12)).unwrap();
         assert_eq!(greedy, beam1);
-        let beam4 = decode_z(&vae, &z, &Decoding::new(Strategy::Beam { width: 4 }, 12));
+        let beam4 = decode_z(&vae, &z, &Decoding::new(Strategy::Beam { width: 4 }, 12)).unwrap();
         assert_eq!(beam4.len(), 16);
         assert!(beam4
             .iter()
@@ -608,6 +617,7 @@ mod tests {
                 &z,
                 &Decoding::new(sample(0.9, Some(10), Some(0.9)), 10),
             )
+            .unwrap()
         };
         assert_eq!(run(), run());
     }
@@ -640,7 +650,7 @@ mod tests {
                 max_len: 30,
                 no_repeat_ngram: 2,
             };
-            for s in decode_z(&vae, &z, &decoding) {
+            for s in decode_z(&vae, &z, &decoding).unwrap() {
                 let mut seen = std::collections::HashSet::new();
                 for w in s.windows(2) {
                     assert!(
@@ -651,7 +661,7 @@ mod tests {
             }
         }
         // The check bites: without blocking, this model does repeat itself.
-        let free = decode_z(&vae, &z, &Decoding::unguarded(Strategy::Greedy, 30));
+        let free = decode_z(&vae, &z, &Decoding::unguarded(Strategy::Greedy, 30)).unwrap();
         let repeats = free
             .iter()
             .filter(|s| {
@@ -664,7 +674,7 @@ mod tests {
             "no repetition to block: the test would prove nothing"
         );
         // Greedy is guarded by default, and the default guard stops the loops.
-        let guarded = decode_z(&vae, &z, &Decoding::new(Strategy::Greedy, 30));
+        let guarded = decode_z(&vae, &z, &Decoding::new(Strategy::Greedy, 30)).unwrap();
         for s in &guarded {
             let mut seen = std::collections::HashSet::new();
             assert!(s
@@ -683,8 +693,8 @@ mod tests {
             no_repeat_ngram: 3,
         };
         assert_eq!(
-            decode_z(&vae, &z, &with(Strategy::Greedy)),
-            decode_z(&vae, &z, &with(Strategy::Beam { width: 1 }))
+            decode_z(&vae, &z, &with(Strategy::Greedy)).unwrap(),
+            decode_z(&vae, &z, &with(Strategy::Beam { width: 1 })).unwrap()
         );
     }
 }

@@ -539,7 +539,7 @@ impl<'a> Trainer<'a> {
             self.state.batch_in_epoch = 0;
         }
         let cfg = &self.cfg;
-        let v = validate(&self.vae, &self.prep.valid.seqs, cfg, self.req.device);
+        let v = validate(&self.vae, &self.prep.valid.seqs, cfg, self.req.device)?;
         let settled = cfg.settled_at().is_some_and(|s| self.state.step >= s);
         let state = &mut self.state;
         let improved =
@@ -922,8 +922,8 @@ const RECONSTRUCTED: usize = 1000;
 const NLL_SENTENCES: usize = 500;
 const NLL_SAMPLES: usize = 20;
 
-fn validate(vae: &Vae, seqs: &[Vec<i64>], cfg: &TrainConfig, device: Device) -> Validation {
-    let stats = evaluate_elbo(vae, seqs, cfg.batch_size.max(64), device);
+fn validate(vae: &Vae, seqs: &[Vec<i64>], cfg: &TrainConfig, device: Device) -> Result<Validation> {
+    let stats = evaluate_elbo(vae, seqs, cfg.batch_size.max(64), device)?;
     let kl_dims = tch::Tensor::from_slice(&stats.kl_dims);
     let kl = kl_term_of_dim_means(&kl_dims, cfg.free_bits, cfg.target_kl).double_value(&[]);
     let objective = stats.rec + cfg.kl_schedule.final_beta() * kl;
@@ -937,13 +937,13 @@ fn validate(vae: &Vae, seqs: &[Vec<i64>], cfg: &TrainConfig, device: Device) -> 
     };
     let decoding = Decoding::new(Strategy::Greedy, cfg.max_len);
     let n = seqs.len().min(RECONSTRUCTED);
-    let rec = reconstruction_score(vae, &seqs[..n], &decoding, DECODE_BATCH, device);
-    Validation {
+    let rec = reconstruction_score(vae, &seqs[..n], &decoding, DECODE_BATCH, device)?;
+    Ok(Validation {
         stats,
         objective,
         criterion,
         rec,
-    }
+    })
 }
 
 impl Validation {
@@ -972,12 +972,12 @@ fn log_epoch(
 ) {
     let s = &v.stats;
     log(&format!(
-        "epoch {epoch}{}: valid rec {:.2} kl {:.2} elbo {:.2} (nats/sentence), ppl(elbo) {:.1}, active units {}/{}; greedy reconstruction of {} sentences: token accuracy {:.3}, exact {:.3}, BLEU {:.1}; {} {:.2}{}; lr {:.2e}; {:.0}s",
+        "epoch {epoch}{}: valid rec {:.2} kl {:.2} elbo {:.2} (nats/sentence), ppl(elbo) {}, active units {}/{}; greedy reconstruction of {} sentences: token accuracy {:.3}, exact {:.3}, BLEU {:.1}; {} {:.2}{}; lr {:.2e}; {:.0}s",
         if partial { " (partial)" } else { "" },
         s.rec,
         s.kl,
         s.elbo,
-        perplexity(s.elbo * s.sentences as f64, s.tokens),
+        readable(perplexity(s.elbo * s.sentences as f64, s.tokens)),
         s.au,
         model_cfg.latent_dim,
         v.rec.sentences,
@@ -990,6 +990,16 @@ fn log_epoch(
         state.lr,
         state.elapsed_secs,
     ));
+}
+
+/// A number for the log: one decimal while it is of a size one reads, scientific beyond (an
+/// untrained model's perplexity has 160 digits).
+fn readable(x: f64) -> String {
+    if x.abs() < 1e6 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.3e}")
+    }
 }
 
 fn progress_bar(terminal: bool, len: u64, epoch: usize) -> Option<ProgressBar> {
@@ -1065,5 +1075,23 @@ impl Window {
             "beta": beta, "lr": lr, "tokens_per_sec": self.tokens_per_sec(),
             "skipped_steps": self.skipped,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_numbers_stay_readable() {
+        assert_eq!(readable(122.66), "122.7");
+        assert_eq!(readable(400f64.exp()), "5.221e173");
+    }
+
+    #[test]
+    fn step_seeds_differ_between_runs_and_steps() {
+        assert_ne!(step_seed(1234, 1), step_seed(1235, 0));
+        assert_ne!(step_seed(1234, 0), step_seed(1234, 1));
+        assert_eq!(step_seed(7, 3), step_seed(7, 3));
     }
 }
