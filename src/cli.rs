@@ -640,7 +640,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
         summary.state.step,
         summary.valid.rec,
         summary.valid.kl,
-        summary.valid.elbo,
+        summary.valid.neg_elbo,
         summary.valid.au
     );
     Ok(())
@@ -655,16 +655,10 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         decoding: a.decode.decoding(strategy, &model),
         batch_size: a.decode.batch_size,
     };
-    let lines = sample::generate(&model.vae, &model.tokenizer, device, &opts)?;
-    print_lines(&lines)
-}
-
-fn print_lines(lines: &[String]) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    for line in lines {
-        writeln!(out, "{line}")?;
-    }
-    Ok(())
+    sample::generate(&model.vae, &model.tokenizer, device, &opts, |line| {
+        writeln!(out, "{line}").context("writing to stdout")
+    })
 }
 
 /// Sentences from a file, or from standard input for `-` or no path.
@@ -929,7 +923,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             r.sentences,
             r.tokens
         );
-        println!("rec  {:.2}  kl {:.2}  elbo {:.2}  nats/sentence (1 sample, beta 1: an upper bound on the NLL)", r.rec, r.kl, r.elbo);
+        println!("rec  {:.2}  kl {:.2}  elbo {:.2}  nats/sentence (1 sample, beta 1: an upper bound on the NLL)", r.rec, r.kl, r.neg_elbo);
         println!(
             "nll  {:.2}  nats/sentence (importance-weighted, K = {})",
             r.nll, r.iw_samples

@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 use crate::data::{sorted_batches, Batch};
 use crate::latent::reconstruction_score;
 use crate::loss::kl_per_dim;
-use crate::model::{reconstruction_nll, Vae};
+use crate::model::{reconstruction_nll, Pass, Vae, ZFrom};
 use crate::sample::Decoding;
 
 const LN_2PI: f64 = 1.837_877_066_409_345_3;
@@ -32,8 +32,10 @@ pub struct ElboStats {
     pub rec: f64,
     /// KL(q(z|x) || p(z)) per sentence (nats).
     pub kl: f64,
-    /// rec + kl: the negative ELBO per sentence, an upper bound on the NLL.
-    pub elbo: f64,
+    /// rec + kl: the negative ELBO per sentence, an upper bound on the NLL (`elbo` in JSON, as
+    /// the literature's tables name it).
+    #[serde(rename = "elbo")]
+    pub neg_elbo: f64,
     pub au: usize,
     /// Mean KL of each latent dimension [Z], for the free-bits-clamped objective.
     #[serde(skip)]
@@ -55,7 +57,13 @@ pub fn evaluate_elbo(
         let mut kl_dims = Tensor::zeros([vae.latent_dim], (Kind::Double, Device::Cpu));
         let mut mus = Vec::new();
         for (_, batch) in sorted_batches(seqs, batch_size, device) {
-            let out = vae.forward(&batch.targets, &batch.lengths, &batch.inputs, false, true);
+            let out = vae.forward(
+                &batch.targets,
+                &batch.lengths,
+                &batch.inputs,
+                Pass::Eval,
+                ZFrom::Sample,
+            );
             rec += out.rec.sum(Kind::Double).double_value(&[]);
             kl_dims += kl_per_dim(&out.mu, &out.logvar)
                 .sum_dim_intlist([0].as_slice(), false, Kind::Double)
@@ -71,7 +79,7 @@ pub fn evaluate_elbo(
             tokens,
             rec,
             kl,
-            elbo: rec + kl,
+            neg_elbo: rec + kl,
             au: active_units(&Tensor::cat(&mus, 0), AU_THRESHOLD),
             kl_dims,
         })
@@ -213,7 +221,9 @@ pub struct EvalReport {
     pub tokens: usize,
     pub rec: f64,
     pub kl: f64,
-    pub elbo: f64,
+    /// The negative ELBO, rec + kl (`elbo` in JSON).
+    #[serde(rename = "elbo")]
+    pub neg_elbo: f64,
     pub nll: f64,
     pub ppl: f64,
     pub mi: f64,
@@ -270,7 +280,7 @@ pub fn evaluate(
         tokens: elbo.tokens,
         rec: elbo.rec,
         kl: elbo.kl,
-        elbo: elbo.elbo,
+        neg_elbo: elbo.neg_elbo,
         nll: nll / n,
         ppl: perplexity(nll, elbo.tokens),
         mi,

@@ -355,6 +355,20 @@ impl BowHead {
     }
 }
 
+/// Whether a forward pass trains (dropout on) or evaluates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    Train,
+    Eval,
+}
+
+/// Where a forward pass takes z from: a reparameterised sample of q(z|x), or its mean.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZFrom {
+    Sample,
+    Mean,
+}
+
 pub struct Vae {
     pub encoder: Encoder,
     pub decoder: Decoder,
@@ -396,21 +410,21 @@ impl Vae {
         mu + (logvar * 0.5).exp() * mu.randn_like()
     }
 
-    /// Encodes `targets`, samples z (or takes `mu` when `sample` is false) and scores the
-    /// reconstruction of `targets` from decoder `inputs` (which may have had word dropout).
+    /// Encodes `targets`, takes z from q(z|x) as `z_from` says and scores the reconstruction of
+    /// `targets` from decoder `inputs` (which may have had word dropout).
     pub fn forward(
         &self,
         targets: &Tensor,
         lengths: &Tensor,
         inputs: &Tensor,
-        train: bool,
-        sample: bool,
+        pass: Pass,
+        z_from: ZFrom,
     ) -> VaeOutput {
+        let train = pass == Pass::Train;
         let (mu, logvar) = self.encoder.forward(targets, lengths, train);
-        let z = if sample {
-            Self::reparameterize(&mu, &logvar)
-        } else {
-            mu.shallow_clone()
+        let z = match z_from {
+            ZFrom::Sample => Self::reparameterize(&mu, &logvar),
+            ZFrom::Mean => mu.shallow_clone(),
         };
         let hidden = self.decoder.hidden(inputs, &z, train);
         let rec = reconstruction_nll(&self.decoder, &hidden, targets, &z);
@@ -471,7 +485,13 @@ mod tests {
         let rows: Vec<&[i64]> = seqs.iter().map(Vec::as_slice).collect();
         let batch = Batch::new(&rows, Device::Cpu);
         // z = mu and dropout off: everything is deterministic.
-        let together = vae.forward(&batch.targets, &batch.lengths, &batch.inputs, false, false);
+        let together = vae.forward(
+            &batch.targets,
+            &batch.lengths,
+            &batch.inputs,
+            Pass::Eval,
+            ZFrom::Mean,
+        );
         let mut alone_sum = 0.0;
         for (i, s) in rows.iter().enumerate() {
             let single = Batch::new(&[*s], Device::Cpu);
@@ -479,8 +499,8 @@ mod tests {
                 &single.targets,
                 &single.lengths,
                 &single.inputs,
-                false,
-                false,
+                Pass::Eval,
+                ZFrom::Mean,
             );
             let a = out.rec.double_value(&[0]);
             let t = together.rec.double_value(&[i as i64]);

@@ -459,15 +459,26 @@ pub struct GenerateOptions {
     pub batch_size: usize,
 }
 
-/// `n` sentences decoded from z ~ N(0, I).
+/// `n` sentences decoded from z ~ N(0, I), handed to `emit` one by one as each batch is done.
+/// z is drawn a batch at a time, so any `n` runs in the memory of one batch.
 pub fn generate(
     vae: &Vae,
     tok: &TextTokenizer,
     device: Device,
     opts: &GenerateOptions,
-) -> Result<Vec<String>> {
-    let z = Tensor::randn([opts.n as i64, vae.latent_dim], (Kind::Float, device)); // [N, Z]
-    decode_texts(vae, tok, &z, &opts.decoding, opts.batch_size)
+    mut emit: impl FnMut(&str) -> Result<()>,
+) -> Result<()> {
+    let batch = opts.batch_size.max(1);
+    let mut done = 0;
+    while done < opts.n {
+        let rows = (opts.n - done).min(batch);
+        let z = Tensor::f_randn([rows as i64, vae.latent_dim], (Kind::Float, device))?; // [B, Z]
+        for line in decode_texts(vae, tok, &z, &opts.decoding, batch)? {
+            emit(&line)?;
+        }
+        done += rows;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use crate::loss::{
     beta_at, bow_nll, budget_progress, kl_per_dim, kl_term, kl_term_of_dim_means, linear_lr,
     word_dropout,
 };
-use crate::model::{BowHead, Vae};
+use crate::model::{BowHead, Pass, Vae, ZFrom};
 use crate::optim::Adam;
 use crate::sample::{Decoding, Strategy, DECODE_BATCH};
 use crate::tokenizer::{TextTokenizer, TokenizerSpec};
@@ -871,7 +871,13 @@ fn batch_loss(
     beta: f64,
 ) -> (tch::Tensor, tch::Tensor, tch::Tensor) {
     let inputs = word_dropout(&batch.inputs, cfg.word_dropout, true);
-    let out = vae.forward(&batch.targets, &batch.lengths, &inputs, true, true);
+    let out = vae.forward(
+        &batch.targets,
+        &batch.lengths,
+        &inputs,
+        Pass::Train,
+        ZFrom::Sample,
+    );
     let kl = kl_per_dim(&out.mu, &out.logvar); // [B, Z]
     let rec = out.rec.mean(Kind::Float);
     let mut loss = &rec + beta * kl_term(&kl, cfg.free_bits, cfg.target_kl);
@@ -929,7 +935,7 @@ fn validate(vae: &Vae, seqs: &[Vec<i64>], cfg: &TrainConfig, device: Device) -> 
     let objective = stats.rec + cfg.kl_schedule.final_beta() * kl;
     let criterion = match cfg.select {
         Selection::Objective | Selection::Last => objective,
-        Selection::Elbo => stats.elbo,
+        Selection::Elbo => stats.neg_elbo,
         Selection::Nll => {
             let n = seqs.len().min(NLL_SENTENCES);
             iw_nll(vae, &seqs[..n], NLL_SAMPLES, cfg.batch_size.max(64), device)
@@ -952,7 +958,7 @@ impl Validation {
         json!({
             "kind": "epoch", "epoch": epoch, "step": state.step, "lr": state.lr,
             "partial": partial,
-            "valid_rec": s.rec, "valid_kl": s.kl, "valid_elbo": s.elbo, "valid_au": s.au,
+            "valid_rec": s.rec, "valid_kl": s.kl, "valid_elbo": s.neg_elbo, "valid_au": s.au,
             "valid_objective": self.objective, "valid_criterion": self.criterion,
             "valid_rec_acc": self.rec.token_accuracy, "valid_rec_exact": self.rec.exact_match,
             "valid_rec_bleu": self.rec.bleu,
@@ -976,8 +982,8 @@ fn log_epoch(
         if partial { " (partial)" } else { "" },
         s.rec,
         s.kl,
-        s.elbo,
-        readable(perplexity(s.elbo * s.sentences as f64, s.tokens)),
+        s.neg_elbo,
+        readable(perplexity(s.neg_elbo * s.sentences as f64, s.tokens)),
         s.au,
         model_cfg.latent_dim,
         v.rec.sentences,

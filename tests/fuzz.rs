@@ -159,6 +159,20 @@ fn random_and_awkward_inputs_never_panic() {
         ],
     )
     .ok();
+    // Any number of samples runs in one batch's memory: z is drawn a batch at a time.
+    let many = textvae(
+        d,
+        &[
+            "generate",
+            "-n",
+            "3000",
+            "--max-len",
+            "3",
+            "--checkpoint",
+            "m",
+        ],
+    );
+    assert_eq!(many.ok().stdout.lines().count(), 3000);
     eprintln!(
         "{runs} runs on {} inputs and 6 broken checkpoints: no panic",
         inputs.len()

@@ -117,7 +117,7 @@ fn kept_model_elbo(dir: &std::path::Path) -> f64 {
     let enc = data::encode_lines(&model.tokenizer, &lines, 64).unwrap();
     evaluate_elbo(&model.vae, &enc.seqs, 8, Device::Cpu)
         .unwrap()
-        .elbo
+        .neg_elbo
 }
 
 /// A NaN loss (a diverging run's) never reaches the weights: the step is skipped, counted in the
