@@ -198,6 +198,8 @@ struct Trainer<'a> {
     bad_run: u64,
     /// Steps in the run's epoch budget, for the linear schedule.
     total_steps: u64,
+    /// Token count of each training sentence, what the batches are bucketed by.
+    lengths: Vec<usize>,
 }
 
 impl<'a> Trainer<'a> {
@@ -237,6 +239,7 @@ impl<'a> Trainer<'a> {
             dir,
             _lock: lock,
             total_steps: 0,
+            lengths: prep.train.seqs.iter().map(Vec::len).collect(),
             cfg,
             model_cfg,
             prep,
@@ -371,9 +374,8 @@ impl<'a> Trainer<'a> {
     /// seeded by the epoch, so a resumed run sees the batches it would have seen without the
     /// interruption.
     fn epoch_batches(&self, epoch: usize) -> Vec<Vec<usize>> {
-        let lengths: Vec<usize> = self.prep.train.seqs.iter().map(Vec::len).collect();
         let mut rng = crate::seeded_rng(self.cfg.seed.wrapping_add(epoch as u64));
-        data::bucket_batches(&lengths, self.cfg.batch_size, &mut rng)
+        data::bucket_batches(&self.lengths, self.cfg.batch_size, &mut rng)
     }
 
     /// The run's data, model and objective in the log.
@@ -384,7 +386,6 @@ impl<'a> Trainer<'a> {
             .iter()
             .map(|t| t.numel() as i64)
             .sum();
-        let lengths: Vec<usize> = self.prep.train.seqs.iter().map(Vec::len).collect();
         let preview = self.epoch_batches(self.state.epoch);
         let prep = &self.prep;
         log(&format!(
@@ -397,7 +398,7 @@ impl<'a> Trainer<'a> {
             prep.tokenizer.kind(),
             self.model_cfg.vocab_size,
             params as f64 / 1e6,
-            100.0 * data::padding_share(&lengths, &preview),
+            100.0 * data::padding_share(&self.lengths, &preview),
             crate::runtime::device_name(self.req.device),
             tch::get_num_threads(),
         ));
