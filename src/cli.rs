@@ -90,27 +90,34 @@ pub struct TrainArgs {
     /// Replace a model already in the checkpoint directory.
     #[arg(long, conflicts_with = "resume")]
     pub force: bool,
+    /// Epochs to train; with --max-minutes, whichever ends first [default: 100].
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Wall-clock budget of the run in minutes; whichever of this and --epochs comes first stops
     /// training. A resumed run counts the minutes its earlier parts trained.
     #[arg(long)]
     pub max_minutes: Option<f64>,
+    /// Sentences per training step [default: 32].
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Adam's learning rate [default: 2e-3; 1e-3 with --preset ptb].
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Gradients are scaled down to this global norm [default: 5].
     #[arg(long)]
     pub clip_norm: Option<f64>,
-    /// Sentences longer than this many tokens are skipped (and counted).
+    /// Sentences longer than this many tokens are skipped (and counted) [default: 64; 100 with
+    /// --preset ptb].
     #[arg(long)]
     pub max_len: Option<usize>,
-    /// Share held out for validation when --valid is not given.
+    /// Share held out for validation when --valid is not given [default: 0.05].
     #[arg(long)]
     pub valid_share: Option<f64>,
+    /// Seed of the validation split, the batches and every random draw [default: 1234].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Probability that a decoder input word becomes <unk> while training.
+    /// Probability that a decoder input word becomes <unk> while training [default: 0.3; 0 with
+    /// --preset ptb].
     #[arg(long)]
     pub word_dropout: Option<f64>,
     /// Free bits per latent dimension in nats (0 = off): dimensions whose batch-mean KL is
@@ -161,21 +168,28 @@ pub struct TrainArgs {
     /// Constant: the beta.
     #[arg(long)]
     pub beta: Option<f64>,
+    /// Token embedding size [default: 256].
     #[arg(long)]
     pub emb_dim: Option<i64>,
+    /// Decoder LSTM hidden size [default: 256].
     #[arg(long)]
     pub hidden_dim: Option<i64>,
+    /// Dimensions of z [default: 32].
     #[arg(long)]
     pub latent_dim: Option<i64>,
+    /// Decoder LSTM layers [default: 1].
     #[arg(long)]
     pub num_layers: Option<i64>,
+    /// Encoder convolution filters per width [default: 128].
     #[arg(long)]
     pub conv_filters: Option<i64>,
     /// Encoder convolution widths, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub kernel_widths: Option<Vec<i64>>,
+    /// Dropout on the decoder's input embeddings [default: 0.1; 0.3 with --preset ptb].
     #[arg(long)]
     pub emb_dropout: Option<f64>,
+    /// Dropout on the decoder's LSTM output [default: 0.1; 0.3 with --preset ptb].
     #[arg(long)]
     pub out_dropout: Option<f64>,
     /// Share the decoder's embedding matrix with its output projection, which the encoder
@@ -382,6 +396,13 @@ pub struct PlotArgs {
     pub output: Option<PathBuf>,
 }
 
+/// Bounds on sizes a user gives, checked before anything is allocated: far past any use, short
+/// of what takes the machine's memory.
+const MAX_DECODE_BATCH: usize = 65_536;
+const MAX_BEAM: usize = 1_000;
+const MAX_STEPS: usize = 100_000;
+const MAX_IW_SAMPLES: usize = 100_000;
+
 /// How sentences are decoded from z: shared by generate, reconstruct and interpolate.
 #[derive(clap::Args, Debug)]
 pub struct DecodeArgs {
@@ -430,7 +451,15 @@ impl DecodeArgs {
     }
 
     pub fn validate(&self) -> Result<()> {
-        anyhow::ensure!(self.batch_size > 0, "--batch-size must be positive");
+        anyhow::ensure!(
+            (1..=MAX_DECODE_BATCH).contains(&self.batch_size),
+            "--batch-size must be in 1..={MAX_DECODE_BATCH}, got {}",
+            self.batch_size
+        );
+        anyhow::ensure!(
+            self.beam.is_none_or(|k| k <= MAX_BEAM),
+            "--beam must be at most {MAX_BEAM}"
+        );
         anyhow::ensure!(self.max_len != Some(0), "--max-len must be positive");
         anyhow::ensure!(
             self.max_len.is_none_or(|m| m <= sample::MAX_DECODE_LEN),
@@ -574,7 +603,12 @@ pub struct InfoArgs {
     pub threads: Option<usize>,
 }
 
+/// Runs one subcommand; a libtorch error (out of memory, say) comes back as an error.
 pub fn run(cli: Cli) -> Result<()> {
+    runtime::catch_torch(|| dispatch(cli))
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => run_train(*a),
         Command::Generate(a) => run_generate(a),
@@ -750,8 +784,9 @@ fn run_interpolate(a: InterpolateArgs) -> Result<()> {
     let strategy = a.decode.strategy(false)?;
     a.decode.validate()?;
     anyhow::ensure!(
-        a.steps >= 1,
-        "--steps must be at least 1 (the number of points between the two ends)"
+        (1..=MAX_STEPS).contains(&a.steps),
+        "--steps must be in 1..={MAX_STEPS} (the number of points between the two ends), got {}",
+        a.steps
     );
     let pairs: Vec<(String, String)> = match (&a.pairs, &a.a, &a.b) {
         (Some(file), _, _) => read_pairs(file)?,
@@ -879,8 +914,16 @@ fn run_encode(a: EncodeArgs) -> Result<()> {
 }
 
 fn run_eval(a: EvalArgs) -> Result<()> {
-    anyhow::ensure!(a.iw_samples >= 1, "--iw-samples must be at least 1");
-    anyhow::ensure!(a.batch_size >= 1, "--batch-size must be positive");
+    anyhow::ensure!(
+        (1..=MAX_IW_SAMPLES).contains(&a.iw_samples),
+        "--iw-samples must be in 1..={MAX_IW_SAMPLES}, got {}",
+        a.iw_samples
+    );
+    anyhow::ensure!(
+        (1..=MAX_DECODE_BATCH).contains(&a.batch_size),
+        "--batch-size must be in 1..={MAX_DECODE_BATCH}, got {}",
+        a.batch_size
+    );
     let corpus = data::read_corpus(&a.file)?;
     let (model, device) = a.model.load()?;
     let seqs = encode_inputs(&model, &corpus)?;
@@ -1004,5 +1047,83 @@ mod tests {
             crate::config::TARGET_KL
         );
         assert!(help.contains(&stated), "train --help lacks {stated:?}");
+    }
+
+    #[test]
+    fn train_help_states_the_defaults_the_configs_have() {
+        let mut cli = Cli::command();
+        let train = cli.find_subcommand_mut("train").expect("train subcommand");
+        let help = train.render_long_help().to_string();
+        // One option's text: its line and the indented lines under it, whitespace collapsed
+        // (the help wraps lines).
+        let block = |flag: &str| -> String {
+            let mut lines = help
+                .lines()
+                .skip_while(|l| !l.trim_start().starts_with(&format!("--{flag} <")));
+            let first = lines
+                .next()
+                .unwrap_or_else(|| panic!("no --{flag} in train --help"));
+            let rest = lines.take_while(|l| !l.trim_start().starts_with('-'));
+            std::iter::once(first)
+                .chain(rest)
+                .flat_map(str::split_whitespace)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let (m, t) = (ModelConfig::default(), TrainConfig::default());
+        let ptb = Preset::Ptb.recipe();
+        for (flag, stated) in [
+            ("epochs", format!("[default: {}]", t.epochs)),
+            ("batch-size", format!("[default: {}]", t.batch_size)),
+            (
+                "lr",
+                format!(
+                    "[default: {:e}; {:e} with --preset ptb]",
+                    t.lr, ptb.train.lr
+                ),
+            ),
+            ("clip-norm", format!("[default: {}]", t.clip_norm)),
+            ("seed", format!("[default: {}]", t.seed)),
+            (
+                "max-len",
+                format!(
+                    "[default: {}; {} with --preset ptb]",
+                    t.max_len, ptb.train.max_len
+                ),
+            ),
+            ("valid-share", format!("[default: {}]", t.valid_share)),
+            (
+                "word-dropout",
+                format!(
+                    "[default: {}; {} with --preset ptb]",
+                    t.word_dropout, ptb.train.word_dropout
+                ),
+            ),
+            ("emb-dim", format!("[default: {}]", m.emb_dim)),
+            ("hidden-dim", format!("[default: {}]", m.hidden_dim)),
+            ("latent-dim", format!("[default: {}]", m.latent_dim)),
+            ("num-layers", format!("[default: {}]", m.num_layers)),
+            ("conv-filters", format!("[default: {}]", m.conv_filters)),
+            (
+                "emb-dropout",
+                format!(
+                    "[default: {}; {} with --preset ptb]",
+                    m.emb_dropout, ptb.model.emb_dropout
+                ),
+            ),
+            (
+                "out-dropout",
+                format!(
+                    "[default: {}; {} with --preset ptb]",
+                    m.out_dropout, ptb.model.out_dropout
+                ),
+            ),
+        ] {
+            let text = block(flag);
+            assert!(
+                text.contains(&stated),
+                "--{flag} should state {stated:?}: {text}"
+            );
+        }
     }
 }

@@ -85,6 +85,41 @@ impl ModelConfig {
         self.validate_shape()
     }
 
+    /// Trainable parameters of the model this configuration builds (model.rs), counted without
+    /// building it, so that a model too large for the machine is refused before it is allocated.
+    pub fn parameter_count(&self) -> i64 {
+        let (v, e, h, z, l) = (
+            self.vocab_size,
+            self.emb_dim,
+            self.hidden_dim,
+            self.latent_dim,
+            self.num_layers,
+        );
+        let f = self.conv_filters;
+        let convs: i64 = self.kernel_widths.iter().map(|&k| f * e * k + f).sum();
+        let features = f * self.kernel_widths.len() as i64;
+        let encoder = if self.share_embeddings { 0 } else { v * e }
+            + convs
+            + 2 * (features * z + z)
+            + if self.bn_gamma > 0.0 { z } else { 0 };
+        // LSTM layer 0 reads [E + Z]; each layer has input and hidden weights and two biases.
+        let lstm: i64 = (0..l)
+            .map(|i| 4 * h * (if i == 0 { e + z } else { h }) + 4 * h * h + 8 * h)
+            .sum();
+        let skip = match (self.z_skip, self.skip_hidden) {
+            (false, _) => 0,
+            (true, true) => h * z,
+            (true, false) => v * z,
+        };
+        let decoder = v * e
+            + (z * 2 * l * h + 2 * l * h)
+            + lstm
+            + v
+            + if self.tie_embeddings { 0 } else { v * h }
+            + skip;
+        encoder + decoder
+    }
+
     /// The user's choices alone: checked before any slow work, when the vocabulary is not known.
     pub fn validate_shape(&self) -> Result<()> {
         ensure!(

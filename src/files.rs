@@ -45,7 +45,7 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result
+    result.with_context(|| format!("saving {}", path.display()))
 }
 
 /// `d/model.safetensors` -> `d/.model.<pid>-<n>.tmp.safetensors`: hidden, unique to this process

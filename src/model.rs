@@ -465,6 +465,45 @@ mod tests {
     }
 
     #[test]
+    fn parameter_count_matches_the_built_model() {
+        let base = tiny();
+        let variants = [
+            base.clone(),
+            ModelConfig {
+                num_layers: 1,
+                skip_hidden: true,
+                ..base.clone()
+            },
+            ModelConfig {
+                hidden_dim: 8,
+                tie_embeddings: true,
+                share_embeddings: true,
+                bn_gamma: 0.5,
+                ..base.clone()
+            },
+            ModelConfig {
+                z_skip: false,
+                kernel_widths: vec![3],
+                ..base.clone()
+            },
+            ModelConfig {
+                vocab_size: 4000,
+                ..ModelConfig::default()
+            },
+        ];
+        for cfg in variants {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let _vae = Vae::new(vs.root(), &cfg);
+            let built: i64 = vs
+                .trainable_variables()
+                .iter()
+                .map(|t| t.numel() as i64)
+                .sum();
+            assert_eq!(cfg.parameter_count(), built, "{cfg:?}");
+        }
+    }
+
+    #[test]
     fn padded_batch_loss_equals_sum_of_single_sentence_losses() {
         let _rng = crate::seeded(0);
         let vs = nn::VarStore::new(Device::Cpu);

@@ -1,7 +1,8 @@
-//! Where and how tensors run: device selection (`auto|cpu|cuda|cuda:N`), thread count, and the
-//! facts `textvae info` prints.
+//! Where and how tensors run: device selection (`auto|cpu|cuda|cuda:N`), thread count, the
+//! memory there is to run in, libtorch's errors as errors, and the facts `textvae info` prints.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use tch::{Cuda, Device};
 
 /// Parses `--device`. `auto` takes CUDA device 0 when libtorch sees one; asking for CUDA where
@@ -64,6 +65,100 @@ pub fn device_name(d: Device) -> String {
     }
 }
 
+/// Marks the panics tch raises for a libtorch error (its infallible calls unwrap `Torch(..)`).
+const TORCH_PANIC: &str = "Torch(\"";
+
+/// Runs `f`, turning a libtorch error that tch raised as a panic (out of memory, a shape it
+/// rejects) into an error carrying libtorch's own first line. tch's infallible calls have
+/// caught the C++ exception already, so unwinding through them is sound; other panics (bugs)
+/// keep unwinding.
+pub fn catch_torch<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or_default();
+            match torch_message(msg) {
+                Some(m) => Err(anyhow!("libtorch: {m}")),
+                None => std::panic::resume_unwind(payload),
+            }
+        }
+    }
+}
+
+/// Whether `err` (or a cause) is libtorch running out of memory, so callers can say what to lower.
+pub fn is_out_of_memory(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        let m = c.to_string();
+        m.contains("can't allocate memory") || m.contains("out of memory")
+    })
+}
+
+/// libtorch's message out of a tch panic: what follows `Torch("`, without the C++ stack
+/// (`\nframe #0: ...`) and the enforce-site prefix.
+fn torch_message(panic: &str) -> Option<String> {
+    let start = panic.find(TORCH_PANIC)? + TORCH_PANIC.len();
+    let rest = &panic[start..];
+    // The payload is Debug-formatted: newlines arrive as the two characters `\n`.
+    let end = ["\\n", "\n", "\")"]
+        .iter()
+        .filter_map(|stop| rest.find(stop))
+        .min()
+        .unwrap_or(rest.len());
+    let line = rest[..end].trim();
+    let line = match (line.starts_with("[enforce fail"), line.find("] ")) {
+        (true, Some(i)) => line[i + 2..].trim_start_matches("err == 0. "),
+        _ => line,
+    };
+    Some(line.trim().to_string())
+}
+
+/// Installs a panic hook that stays silent for libtorch errors, which `catch_torch` turns into
+/// the error `main` prints; every other panic is reported as before.
+pub fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if !msg.contains(TORCH_PANIC) {
+            default(info);
+        }
+    }));
+}
+
+/// Bytes of memory this process may still take on `device`, where that can be known: on the
+/// CPU the smaller of the kernel's MemAvailable and what the cgroup (a container's limit)
+/// leaves. None on a GPU (tch does not expose its free memory) or where /proc is missing.
+pub fn available_memory(device: Device) -> Option<u64> {
+    if device != Device::Cpu {
+        return None;
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let available = meminfo_kib(&meminfo, "MemAvailable:")? * 1024;
+    let read_u64 = |p: &str| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
+    let cgroup = read_u64("/sys/fs/cgroup/memory.max")
+        .map(|max| max.saturating_sub(read_u64("/sys/fs/cgroup/memory.current").unwrap_or(0)));
+    Some(cgroup.map_or(available, |c| c.min(available)))
+}
+
+/// The value in KiB of `key` in /proc/meminfo's text.
+fn meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The lines of `textvae info`.
 pub fn info_lines() -> Vec<String> {
     vec![
@@ -90,6 +185,41 @@ pub fn info_lines() -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_libtorch_panic_becomes_its_first_line() {
+        let r: Result<()> = catch_torch(|| {
+            let t = tch::Tensor::zeros([2, 3], (tch::Kind::Float, Device::Cpu));
+            let _ = t.matmul(&t); // [2, 3] x [2, 3]: libtorch refuses
+            Ok(())
+        });
+        let e = r.unwrap_err().to_string();
+        assert!(e.starts_with("libtorch: "), "{e}");
+        assert!(e.contains("cannot be multiplied"), "{e}");
+        assert!(!e.contains("frame #"), "{e}");
+        let oom = "called `Result::unwrap()` on an `Err` value: Torch(\"[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 3796484096 bytes. Error code 12 (Cannot allocate memory)\\nframe #0: c10::ThrowEnforceNotMet\")";
+        assert_eq!(
+            torch_message(oom).unwrap(),
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 3796484096 bytes. Error code 12 (Cannot allocate memory)"
+        );
+        assert_eq!(torch_message("index out of bounds"), None);
+    }
+
+    #[test]
+    fn other_panics_keep_unwinding() {
+        let r = std::panic::catch_unwind(|| catch_torch::<()>(|| panic!("a bug")));
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn meminfo_is_read_in_kib() {
+        let text = "MemTotal:       24000000 kB\nMemAvailable:   12345 kB\n";
+        assert_eq!(meminfo_kib(text, "MemAvailable:"), Some(12345));
+        assert_eq!(meminfo_kib(text, "SwapFree:"), None);
+        if std::path::Path::new("/proc/meminfo").exists() {
+            assert!(available_memory(Device::Cpu).unwrap() > 0);
+        }
+    }
 
     #[test]
     fn device_specs() {

@@ -31,6 +31,7 @@ use crate::loss::{
 };
 use crate::model::{BowHead, Pass, Vae, ZFrom};
 use crate::optim::Adam;
+use crate::runtime;
 use crate::sample::{Decoding, Strategy, DECODE_BATCH};
 use crate::tokenizer::{TextTokenizer, TokenizerSpec};
 
@@ -212,13 +213,15 @@ impl<'a> Trainer<'a> {
         // A directory that exists is locked before anything in it is read; a new one once the
         // corpus has been read, so that a mistyped corpus leaves no directory behind.
         let lock = dir.is_dir().then(|| lock_dir(&dir)).transpose()?;
-        let replacing = !req.resume && dir.join(ckpt::CONFIG).exists();
+        let replacing = !req.resume && holds_model(&dir);
         let (model_cfg, cfg, resume_tok, state) = open_run(req, &dir)?;
         cfg.validate()?;
         let prep = prepare(req, &cfg, resume_tok)?;
         let mut model_cfg = model_cfg;
         model_cfg.vocab_size = prep.tokenizer.vocab_size();
         model_cfg.validate()?;
+        let need = TrainingMemory::estimate(&model_cfg, &cfg, &prep.train.seqs);
+        need.check(runtime::available_memory(req.device))?;
         let lock = match lock {
             Some(lock) => lock,
             None => {
@@ -419,7 +422,8 @@ impl<'a> Trainer<'a> {
         let mut window = Window::new();
         let mut stopped = None;
         for idx in &batches[start..] {
-            let beta = self.train_step(idx, &mut window)?;
+            let beta = runtime::catch_torch(|| self.train_step(idx, &mut window))
+                .map_err(|e| self.step_error(e, idx))?;
             self.state.batch_in_epoch += 1;
             if let Some(bar) = &bar {
                 bar.inc(1);
@@ -507,6 +511,24 @@ impl<'a> Trainer<'a> {
             }
         }
         Ok(beta)
+    }
+
+    /// What a failed step says: which step and batch, and for running out of memory what to lower.
+    fn step_error(&self, err: anyhow::Error, idx: &[usize]) -> anyhow::Error {
+        let longest = idx.iter().map(|&i| self.lengths[i]).max().unwrap_or(0);
+        let hint = match (
+            runtime::is_out_of_memory(&err),
+            self.dir.join(ckpt::LAST_WEIGHTS).exists(),
+        ) {
+            (true, true) => "; lower --batch-size or --max-len (the last checkpoint is kept)",
+            (true, false) => "; lower --batch-size or --max-len",
+            (false, _) => "",
+        };
+        err.context(format!(
+            "training step {} failed (a batch of {} sentences, the longest {longest} tokens){hint}",
+            self.state.step + 1,
+            idx.len()
+        ))
     }
 
     /// Whether --save-every says a checkpoint within the epoch is due. Not before this run's
@@ -625,12 +647,86 @@ fn lock_dir(dir: &Path) -> Result<DirLock> {
 
 /// The configs, the tokenizer to keep (on --resume) and the state the run starts from: the
 /// checkpoint's on --resume, the request's otherwise.
+/// The least memory a training step can take, counted before anything is allocated, so that a
+/// run which cannot fit is refused with the numbers instead of being killed by the kernel.
+/// A lower bound: activations other than the output layer's are left out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainingMemory {
+    pub parameters: i64,
+    /// Weights, their gradients and Adam's two moments, in bytes.
+    pub parameter_bytes: u64,
+    /// Real tokens of the largest batch (batches hold sentences of similar length).
+    pub batch_tokens: u64,
+    /// The output layer of that batch: logits and their gradient, in bytes.
+    pub output_bytes: u64,
+}
+
+impl TrainingMemory {
+    pub fn estimate(model: &ModelConfig, cfg: &TrainConfig, seqs: &[Vec<i64>]) -> Self {
+        let v = model.vocab_size;
+        let bow = if cfg.bow_weight > 0.0 {
+            model.latent_dim * model.hidden_dim + model.hidden_dim + model.hidden_dim * v + v
+        } else {
+            0
+        };
+        let parameters = model.parameter_count() + bow;
+        let mut lengths: Vec<u64> = seqs.iter().map(|s| s.len() as u64 + 1).collect();
+        lengths.sort_unstable_by(|a, b| b.cmp(a));
+        let batch_tokens: u64 = lengths.iter().take(cfg.batch_size).sum();
+        Self {
+            parameters,
+            parameter_bytes: parameters.max(0) as u64 * 4 * 4,
+            batch_tokens,
+            output_bytes: batch_tokens * v.max(0) as u64 * 4 * 2,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.parameter_bytes + self.output_bytes
+    }
+
+    /// An error when `available` bytes (None: not known) cannot hold the estimate.
+    pub fn check(&self, available: Option<u64>) -> Result<()> {
+        let Some(available) = available else {
+            return Ok(());
+        };
+        ensure!(
+            self.total() <= available,
+            "training needs at least {} of memory ({:.1}M parameters with their gradients and Adam's moments: {}; the output layer of the largest batch, {} tokens: {}), but {} is available: lower --batch-size, --max-len, --vocab-size or the model's dimensions",
+            human_bytes(self.total()),
+            self.parameters as f64 / 1e6,
+            human_bytes(self.parameter_bytes),
+            self.batch_tokens,
+            human_bytes(self.output_bytes),
+            human_bytes(available)
+        );
+        Ok(())
+    }
+}
+
+/// Bytes as a reader says them: `1.5 GiB`, `12.0 MiB`.
+fn human_bytes(b: u64) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    let b = b as f64;
+    if b >= GIB {
+        format!("{:.1} GiB", b / GIB)
+    } else {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    }
+}
+
+/// Whether `dir` holds weights a new run would replace. A run that failed before its first save
+/// leaves only its configuration and tokenizer, which the next run may simply overwrite.
+fn holds_model(dir: &Path) -> bool {
+    dir.join(ckpt::WEIGHTS).exists() || dir.join(ckpt::LAST_WEIGHTS).exists()
+}
+
 fn open_run(
     req: &TrainRequest,
     dir: &Path,
 ) -> Result<(ModelConfig, TrainConfig, Option<TextTokenizer>, TrainState)> {
     if !req.resume {
-        if dir.join(ckpt::CONFIG).exists() && !req.force {
+        if holds_model(dir) && !req.force {
             bail!(
                 "{} already holds a model: continue it with --resume, replace it with --force, or choose --out",
                 dir.display()
@@ -1093,6 +1189,28 @@ mod tests {
     fn log_numbers_stay_readable() {
         assert_eq!(readable(122.66), "122.7");
         assert_eq!(readable(400f64.exp()), "5.221e173");
+    }
+
+    #[test]
+    fn training_memory_counts_the_largest_batch_and_refuses_what_cannot_fit() {
+        let model = ModelConfig {
+            vocab_size: 1000,
+            ..ModelConfig::default()
+        };
+        let cfg = TrainConfig {
+            batch_size: 2,
+            ..TrainConfig::default()
+        };
+        let seqs = vec![vec![5; 3], vec![5; 9], vec![5; 4], vec![5; 1]];
+        let m = TrainingMemory::estimate(&model, &cfg, &seqs);
+        assert_eq!(m.batch_tokens, 10 + 5); // the two longest, each with its end token
+        assert_eq!(m.output_bytes, 15 * 1000 * 8);
+        assert_eq!(m.parameter_bytes, model.parameter_count() as u64 * 16);
+        assert!(m.check(None).is_ok());
+        assert!(m.check(Some(m.total())).is_ok());
+        let e = m.check(Some(m.total() - 1)).unwrap_err().to_string();
+        assert!(e.contains("lower --batch-size"), "{e}");
+        assert!(e.contains("15 tokens"), "{e}");
     }
 
     #[test]

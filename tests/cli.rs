@@ -313,6 +313,20 @@ fn bad_inputs_fail_cleanly() {
     train(&["few.txt", "--tie-embeddings", "--hidden-dim", "64"])
         .fails_with("--tie-embeddings needs --emb-dim equal to --hidden-dim");
     train(&["few.txt", "--preset", "wiki"]).fails_with("--preset");
+    // A model no machine holds is refused before a byte of it is allocated, and leaves nothing.
+    let huge = [
+        "few.txt",
+        "--batch-size",
+        "1",
+        "--emb-dim",
+        "60000",
+        "--hidden-dim",
+        "60000",
+        "--out",
+        "huge",
+    ];
+    train(&huge).fails_with("training needs at least");
+    assert!(!d.join("huge").exists());
 
     textvae(d, &["generate"]).fails_with("no latest model");
     textvae(d, &["generate", "--checkpoint", "nowhere"]).fails_with("does not exist");

@@ -284,7 +284,14 @@ fn bad_latent_inputs_behave_as_documented() {
     run(&["reconstruct", "-"], Some("\n\n")).fails_with("no sentences on standard input");
     run(&["interpolate", "", "the cat sat on the mat ."], None)
         .fails_with("sentence 1 of the interpolation is empty");
-    run(&["interpolate", "a", "b", "--steps", "0"], None).fails_with("--steps must be at least 1");
+    run(&["interpolate", "a", "b", "--steps", "0"], None).fails_with("--steps must be in 1..=");
+    // Sizes past any use are refused before anything is allocated.
+    run(&["interpolate", "a", "b", "--steps", "1000000000"], None)
+        .fails_with("--steps must be in 1..=100000");
+    run(&["generate", "--beam", "1000000"], None).fails_with("--beam must be at most 1000");
+    run(&["generate", "--batch-size", "100000000"], None).fails_with("--batch-size must be in");
+    run(&["eval", "-", "--iw-samples", "10000000"], Some("a b\n"))
+        .fails_with("--iw-samples must be in");
     run(&["generate", "--top-p", "0"], None).fails_with("--top-p must be in (0, 1]");
     run(&["generate", "--top-p", "1.5"], None).fails_with("--top-p must be in (0, 1]");
     run(&["generate", "--beam", "0"], None).fails_with("--beam must be at least 1");
