@@ -65,15 +65,16 @@ pub fn parse_corpus(bytes: &[u8]) -> Result<Corpus> {
 }
 
 /// A seeded split: about `share` of the sentences held out, never trained on.
-pub fn split_valid(lines: &[String], share: f64, seed: u64) -> (Vec<String>, Vec<String>) {
+/// Takes `lines` rather than copying them: a large corpus is held once.
+pub fn split_valid(lines: Vec<String>, share: f64, seed: u64) -> (Vec<String>, Vec<String>) {
     let mut rng = crate::seeded_rng(seed);
     let mut train = Vec::with_capacity(lines.len());
     let mut valid = Vec::new();
     for line in lines {
         if rng.random::<f64>() < share {
-            valid.push(line.clone());
+            valid.push(line);
         } else {
-            train.push(line.clone());
+            train.push(line);
         }
     }
     // A tiny corpus can come out with an empty side; move one sentence over so both exist.
@@ -97,16 +98,21 @@ impl Encoded {
     }
 }
 
+/// Lines encoded at once: enough to keep every core busy, few enough that the tokenizer's full
+/// `Encoding`s (offsets, tokens as strings) of one chunk are small next to the ids kept.
+const ENCODE_CHUNK: usize = 8192;
+
 pub fn encode_lines(tok: &TextTokenizer, lines: &[String], max_len: usize) -> Result<Encoded> {
     let mut out = Encoded::default();
-    for line in lines {
-        let ids = tok.encode(line)?;
-        if ids.is_empty() {
-            out.skipped_empty += 1;
-        } else if ids.len() > max_len {
-            out.skipped_long += 1;
-        } else {
-            out.seqs.push(ids);
+    for chunk in lines.chunks(ENCODE_CHUNK) {
+        for ids in tok.encode_many(chunk)? {
+            if ids.is_empty() {
+                out.skipped_empty += 1;
+            } else if ids.len() > max_len {
+                out.skipped_long += 1;
+            } else {
+                out.seqs.push(ids);
+            }
         }
     }
     Ok(out)
@@ -256,8 +262,8 @@ mod tests {
     #[test]
     fn split_is_seeded_and_disjoint() {
         let lines: Vec<String> = (0..2000).map(|i| format!("s{i}")).collect();
-        let (t1, v1) = split_valid(&lines, 0.05, 3);
-        let (t2, v2) = split_valid(&lines, 0.05, 3);
+        let (t1, v1) = split_valid(lines.clone(), 0.05, 3);
+        let (t2, v2) = split_valid(lines.clone(), 0.05, 3);
         assert_eq!(v1, v2);
         assert_eq!(t1, t2);
         assert_eq!(t1.len() + v1.len(), 2000);

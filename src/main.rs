@@ -5,6 +5,7 @@ use clap::Parser;
 fn main() {
     let cli = textvae::cli::Cli::parse();
     textvae::runtime::install_panic_hook();
+    textvae::runtime::tune_allocator();
     if let Err(err) = textvae::cli::run(cli) {
         eprintln!("error: {err}");
         for cause in err.chain().skip(1) {

@@ -43,14 +43,13 @@ impl Adam {
         }
     }
 
-    pub fn params(&self) -> impl Iterator<Item = &Tensor> {
-        self.params.iter().map(|(_, p)| p)
-    }
-
-    pub fn zero_grad(&mut self) {
-        for (_, p) in &mut self.params {
-            p.zero_grad();
-        }
+    /// d loss / d parameter for each parameter, in `step`'s order, as new tensors (undefined for
+    /// a parameter the loss does not reach). Unlike `backward`, nothing is accumulated into the
+    /// parameters' `.grad`, so there is nothing to zero before the next step: two passes over
+    /// every weight saved per step.
+    pub fn gradients(&self, loss: &Tensor) -> Result<Vec<Tensor>> {
+        let params: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).collect();
+        Ok(Tensor::f_run_backward(&[loss], &params, false, false)?)
     }
 
     /// Steps taken (the bias corrections' t).
@@ -68,27 +67,28 @@ impl Adam {
         self.step = 0;
     }
 
-    /// One update at learning rate `lr` from the gradients the parameters hold:
+    /// One update at learning rate `lr` from `grads` (`gradients`' order):
     /// m <- b1 m + (1 - b1) g, v <- b2 v + (1 - b2) g^2,
     /// p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps), as torch.optim.Adam.
-    pub fn step(&mut self, lr: f64) {
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) {
         self.step += 1;
         let t = self.step as f64;
         let step_size = lr / (1.0 - BETA1.powf(t));
         let bc2_sqrt = (1.0 - BETA2.powf(t)).sqrt();
         tch::no_grad(|| {
-            for (((_, p), m), v) in self.params.iter_mut().zip(&mut self.m).zip(&mut self.v) {
-                let g = p.grad();
+            let params = self.params.iter_mut().zip(&mut self.m).zip(&mut self.v);
+            for ((((_, p), m), v), g) in params.zip(grads) {
                 if !g.defined() {
                     continue;
                 }
-                let _ = m.lerp_(&g, 1.0 - BETA1);
+                let _ = m.lerp_(g, 1.0 - BETA1);
                 let _ = v.lerp_(&g.square(), 1.0 - BETA2);
+                // The same update with the bias correction moved out of the denominator, one
+                // pass over the weights fewer: step_size * m / (sqrt(v) / bc2 + eps)
+                // = step_size * bc2 * m / (sqrt(v) + eps * bc2); then p + m / (denom / -s).
                 let mut denom = v.sqrt();
-                let _ = denom.g_div_scalar_(bc2_sqrt);
-                let _ = denom.g_add_scalar_(EPS);
-                // p + m / (denom / -step_size) = p - step_size * m / denom.
-                let _ = denom.g_div_scalar_(-step_size);
+                let _ = denom.g_add_scalar_(EPS * bc2_sqrt);
+                let _ = denom.g_div_scalar_(-step_size * bc2_sqrt);
                 let _ = p.addcdiv_(m, &denom);
             }
         });
@@ -159,9 +159,10 @@ mod tests {
         let mut ours = Adam::new(&a);
         let mut theirs = nn::Adam::default().build(&b, 0.01).unwrap();
         for _ in 0..10 {
-            ours.zero_grad();
-            (la.forward(&x) - &y).square().mean(Kind::Float).backward();
-            ours.step(0.01);
+            let grads = ours
+                .gradients(&(la.forward(&x) - &y).square().mean(Kind::Float))
+                .unwrap();
+            ours.step(&grads, 0.01);
             theirs.zero_grad();
             (lb.forward(&x) - &y).square().mean(Kind::Float).backward();
             theirs.step();
@@ -181,9 +182,8 @@ mod tests {
         let loss = |l: &nn::Linear| (l.forward(&x) - 1.0).square().mean(Kind::Float);
         let mut first = Adam::new(&a);
         for _ in 0..3 {
-            first.zero_grad();
-            loss(&la).backward();
-            first.step(0.05);
+            let grads = first.gradients(&loss(&la)).unwrap();
+            first.step(&grads, 0.05);
         }
         // The second model takes the first's weights and optimiser state, then both step once.
         let mut b = b;
@@ -193,9 +193,8 @@ mod tests {
         assert!(second.load_state(&state).unwrap());
         assert_eq!(second.steps(), 3);
         for (opt, l) in [(&mut first, &la), (&mut second, &lb)] {
-            opt.zero_grad();
-            loss(l).backward();
-            opt.step(0.05);
+            let grads = opt.gradients(&loss(l)).unwrap();
+            opt.step(&grads, 0.05);
         }
         for (name, t) in a.variables() {
             assert!(

@@ -159,6 +159,27 @@ fn meminfo_kib(meminfo: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
+/// Keeps the memory of freed tensors in the process for the next step instead of handing it back
+/// to the kernel. glibc serves every allocation above a threshold (128 KiB, growing to at most
+/// 32 MiB) with a fresh mmap and unmaps it on free, so each training step faulted in and zeroed
+/// its activations anew: on PTB 3.1 M page faults and 6.6 s of system time in 25 s, and
+/// ~15% of training throughput (README, Performance). With the thresholds raised, large blocks
+/// come from the heap and are reused; the high-water mark of memory is what it was. Call once,
+/// before the first tensor. Elsewhere than glibc it does nothing.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const MMAP_THRESHOLD: libc::c_int = 1 << 30;
+        const TRIM_THRESHOLD: libc::c_int = libc::c_int::MAX;
+        // SAFETY: mallopt only sets glibc's tunables; it is called before any other thread
+        // exists. A refused value (0) leaves glibc's default in place.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+        }
+    }
+}
+
 /// The lines of `textvae info`.
 pub fn info_lines() -> Vec<String> {
     vec![

@@ -102,7 +102,7 @@ fn prepare(
     let (train_lines, valid_lines, heldout) = match &req.valid {
         Some(v) => (corpus.lines, data::read_corpus(v)?.lines, None),
         None => {
-            let (t, v) = data::split_valid(&corpus.lines, cfg.valid_share, cfg.seed);
+            let (t, v) = data::split_valid(corpus.lines, cfg.valid_share, cfg.seed);
             let heldout = Some(v.clone());
             (t, v, heldout)
         }
@@ -493,16 +493,21 @@ impl<'a> Trainer<'a> {
         if self.req.poison_steps.contains(&self.state.step) {
             loss *= f64::NAN;
         }
-        let applied = finite_step(&mut self.opt, &loss, cfg.clip_norm, self.state.lr)?;
+        let kl = kl
+            .sum_dim_intlist([1].as_slice(), false, Kind::Float)
+            .mean(Kind::Float);
+        let applied = finite_step(
+            &mut self.opt,
+            &loss,
+            &[rec, kl],
+            cfg.clip_norm,
+            self.state.lr,
+        )?;
         self.state.step += 1;
         match applied {
-            Some(loss) => {
+            Some(v) => {
                 self.bad_run = 0;
-                let kl = kl
-                    .sum_dim_intlist([1].as_slice(), false, Kind::Float)
-                    .mean(Kind::Float)
-                    .double_value(&[]);
-                window.add(loss, f64::try_from(&rec)?, kl, batch.n_tokens);
+                window.add(v.loss, v.logged[0], v.logged[1], batch.n_tokens);
             }
             None => {
                 window.skipped += 1;
@@ -908,35 +913,51 @@ fn skipped_step(state: &mut TrainState, bad_run: u64, cfg: &TrainConfig, dir: &P
     Ok(())
 }
 
+/// What a step read back from the device, at once.
+struct StepValues {
+    loss: f64,
+    /// The `log` tensors' values, in their order.
+    logged: Vec<f64>,
+}
+
 /// Backpropagates `loss` and applies the optimiser step at `lr` with the global gradient norm
 /// clipped to `clip` (as tch's `clip_grad_norm`) — unless the loss or the gradient norm is not
-/// finite: then the gradients are dropped and the weights stay as they were. The loss's value
-/// when the step was applied, None when it was skipped.
-fn finite_step(opt: &mut Adam, loss: &tch::Tensor, clip: f64, lr: f64) -> Result<Option<f64>> {
-    opt.zero_grad();
-    loss.backward();
-    let grads: Vec<tch::Tensor> = opt
-        .params()
-        .map(|v| v.grad())
+/// finite: then the gradients are dropped and the weights stay as they were. The loss, the
+/// gradient norm and the scalars `log` (for the log line) are read back in one copy, the step's
+/// only wait for the device. None when the step was skipped.
+fn finite_step(
+    opt: &mut Adam,
+    loss: &tch::Tensor,
+    log: &[tch::Tensor],
+    clip: f64,
+    lr: f64,
+) -> Result<Option<StepValues>> {
+    let grads = opt.gradients(loss)?;
+    let norms: Vec<tch::Tensor> = grads
+        .iter()
         .filter(|g| g.defined())
+        .map(|g| g.norm())
         .collect();
-    let norms: Vec<tch::Tensor> = grads.iter().map(|g| g.norm()).collect();
-    let norm = f64::try_from(tch::Tensor::stack(&norms, 0).norm())?;
-    let value = f64::try_from(loss)?;
+    let mut scalars = vec![tch::Tensor::stack(&norms, 0).norm(), loss.detach()];
+    scalars.extend(log.iter().map(|t| t.detach().to_kind(Kind::Float)));
+    let values = Vec::<f64>::try_from(tch::Tensor::stack(&scalars, 0).to_kind(Kind::Double))?;
+    let (norm, value) = (values[0], values[1]);
     if !(norm.is_finite() && value.is_finite()) {
-        opt.zero_grad();
         return Ok(None);
     }
     let coef = clip / (norm + 1e-6);
     if coef < 1.0 {
         tch::no_grad(|| {
-            for mut g in grads {
-                let _ = g.g_mul_scalar_(coef);
+            for g in grads.iter().filter(|g| g.defined()) {
+                let _ = g.shallow_clone().g_mul_scalar_(coef);
             }
         });
     }
-    opt.step(lr);
-    Ok(Some(value))
+    opt.step(&grads, lr);
+    Ok(Some(StepValues {
+        loss: value,
+        logged: values[2..].to_vec(),
+    }))
 }
 
 /// The learning-rate schedule in words, for the log.

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Training throughput on PTB: textvae against the same model written in PyTorch
+# (bench/pytorch_vae.py, torch 2.13.0 from textvae's own venv), in alternation, with the float32
+# matmul throughput of the same run; results in bench/results/speed-STAMP.{md,json}.
+#
+#   bench/speed.sh [SECONDS] [ROUNDS] [extra speed.py flags...]   (defaults 45 s, 3 rounds)
+#
+# PTB_DIR (default ../shared/corpora/ptb) is where PTB is read from. Run it on an otherwise idle
+# machine: the two programs share nothing but the cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds="${1:-45}"
+rounds="${2:-3}"
+shift 2 || shift $# || true
+ptb="${PTB_DIR:-../shared/corpora/ptb}"
+[ -f "$ptb/ptb.train.txt" ] || { echo "bench/speed.sh: $ptb/ptb.train.txt not found (set PTB_DIR)" >&2; exit 1; }
+scripts/setup
+source scripts/env.sh
+PYTHONWARNINGS=ignore "$TEXTVAE_VENV/bin/python" bench/speed.py target/release/textvae "$ptb" \
+  --seconds "$seconds" --rounds "$rounds" "$@"
