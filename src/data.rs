@@ -130,6 +130,28 @@ pub struct Batch {
     pub lengths: Tensor,
     /// Real (non-pad) target tokens in the batch.
     pub n_tokens: usize,
+    /// Where the real target tokens are, built on the host with the batch so that finding them
+    /// needs no `nonzero` (a wait for the device) in the forward pass.
+    pub real: RealTokens,
+}
+
+/// The real (non-pad) positions of a [B, T] target tensor: what the output layer is computed on.
+#[derive(Debug)]
+pub struct RealTokens {
+    /// [N] flat positions b * T + t, in row-major order.
+    pub idx: Tensor,
+    /// [N] the sentence (row b) of each.
+    pub sentence: Tensor,
+}
+
+impl RealTokens {
+    /// Found on the device from the targets themselves, for target tensors built there.
+    pub fn find(targets: &Tensor) -> RealTokens {
+        let t = targets.size()[1];
+        let idx = targets.reshape([-1]).ne(PAD).nonzero().squeeze_dim(1); // [N]
+        let sentence = idx.divide_scalar_mode(t, "floor"); // [N]
+        RealTokens { idx, sentence }
+    }
 }
 
 impl Batch {
@@ -150,6 +172,13 @@ impl Batch {
             lengths.push((s.len() + 1) as i64);
         }
         let n_tokens = lengths.iter().sum::<i64>() as usize;
+        let mut idx = Vec::with_capacity(n_tokens);
+        let mut sentence = Vec::with_capacity(n_tokens);
+        for (i, &len) in lengths.iter().enumerate() {
+            let row = (i * t) as i64;
+            idx.extend(row..row + len);
+            sentence.extend(std::iter::repeat_n(i as i64, len as usize));
+        }
         let shape = [b as i64, t as i64];
         Batch {
             targets: Tensor::from_slice(&targets).view(shape).to_device(device), // [B, T]
@@ -158,6 +187,10 @@ impl Batch {
                 .to_kind(Kind::Int64)
                 .to_device(device),
             n_tokens,
+            real: RealTokens {
+                idx: Tensor::from_slice(&idx).to_device(device),
+                sentence: Tensor::from_slice(&sentence).to_device(device),
+            },
         }
     }
 
@@ -257,6 +290,12 @@ mod tests {
         assert_eq!(targets, vec![10, 11, 12, EOS, 20, EOS, PAD, PAD]);
         assert_eq!(inputs, vec![BOS, 10, 11, 12, BOS, 20, PAD, PAD]);
         assert_eq!(batch.n_tokens, 6);
+        // The positions built on the host are the ones the device would find.
+        let found = RealTokens::find(&batch.targets);
+        assert!(batch.real.idx.equal(&found.idx));
+        assert!(batch.real.sentence.equal(&found.sentence));
+        let idx: Vec<i64> = Vec::try_from(&batch.real.idx).unwrap();
+        assert_eq!(idx, vec![0, 1, 2, 3, 4, 5]);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use anyhow::Result;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::data::{sorted_batches, Batch};
+use crate::data::{sorted_batches, Batch, RealTokens};
 use crate::latent::reconstruction_score;
 use crate::loss::kl_per_dim;
 use crate::model::{reconstruction_nll, Pass, Vae, ZFrom};
@@ -57,13 +57,7 @@ pub fn evaluate_elbo(
         let mut kl_dims = Tensor::zeros([vae.latent_dim], (Kind::Double, Device::Cpu));
         let mut mus = Vec::new();
         for (_, batch) in sorted_batches(seqs, batch_size, device) {
-            let out = vae.forward(
-                &batch.targets,
-                &batch.lengths,
-                &batch.inputs,
-                Pass::Eval,
-                ZFrom::Sample,
-            );
+            let out = vae.forward(&batch, &batch.inputs, Pass::Eval, ZFrom::Sample);
             rec += out.rec.sum(Kind::Double).double_value(&[]);
             kl_dims += kl_per_dim(&out.mu, &out.logvar)
                 .sum_dim_intlist([0].as_slice(), false, Kind::Double)
@@ -129,7 +123,8 @@ pub fn iw_log_likelihood(
         let inputs = batch.inputs.repeat_interleave_self_int(s, 0, None); // [B*S, T]
         let targets = batch.targets.repeat_interleave_self_int(s, 0, None); // [B*S, T]
         let hidden = vae.decoder.hidden(&inputs, &z, false);
-        let log_px_z = -reconstruction_nll(&vae.decoder, &hidden, &targets, &z); // [B*S]
+        let real = RealTokens::find(&targets);
+        let log_px_z = -reconstruction_nll(&vae.decoder, &hidden, &targets, &real, &z); // [B*S]
         let log_pz = log_normal_std(&z, &z.zeros_like()); // [B*S]
         let log_qz = log_normal_std(&eps, &logvar_r); // [B*S]
         log_w.push((log_px_z + log_pz - log_qz).view([b, s])); // [B, S]

@@ -10,6 +10,7 @@ use tch::nn::{self, Module, ModuleT, RNN};
 use tch::{Kind, Tensor};
 
 use crate::config::ModelConfig;
+use crate::data::{Batch, RealTokens};
 use crate::tokenizer::PAD;
 
 pub struct Encoder {
@@ -303,24 +304,22 @@ pub fn reconstruction_nll(
     decoder: &Decoder,
     hidden: &Tensor,
     targets: &Tensor,
+    real: &RealTokens,
     z: &Tensor,
 ) -> Tensor {
-    let (b, t) = (targets.size()[0], targets.size()[1]);
+    let b = targets.size()[0];
     let h_dim = hidden.size()[2];
-    let flat_targets = targets.reshape([-1]); // [B*T]
-    let idx = flat_targets.ne(PAD).nonzero().squeeze_dim(1); // [N]
-    let h = hidden.reshape([-1, h_dim]).index_select(0, &idx); // [N, H]
-    let sentence = idx.divide_scalar_mode(t, "floor"); // [N]
-    let skip = decoder.z_skip(z).map(|s| s.index_select(0, &sentence)); // [N, H] or [N, V]
+    let h = hidden.reshape([-1, h_dim]).index_select(0, &real.idx); // [N, H]
+    let skip = decoder.z_skip(z).map(|s| s.index_select(0, &real.sentence)); // [N, H] or [N, V]
     let logits = decoder.project(&h, skip.as_ref()); // [N, V]
     let nll = logits.cross_entropy_loss::<Tensor>(
-        &flat_targets.index_select(0, &idx),
+        &targets.reshape([-1]).index_select(0, &real.idx), // [N]
         None,
         tch::Reduction::None,
         -100,
         0.0,
     ); // [N]
-    Tensor::zeros([b], (nll.kind(), nll.device())).index_add(0, &sentence, &nll)
+    Tensor::zeros([b], (nll.kind(), nll.device())).index_add(0, &real.sentence, &nll)
 }
 
 /// The bag-of-words head of Zhao et al. 2017: z -> tanh layer -> logits over the vocabulary
@@ -410,24 +409,18 @@ impl Vae {
         mu + (logvar * 0.5).exp() * mu.randn_like()
     }
 
-    /// Encodes `targets`, takes z from q(z|x) as `z_from` says and scores the reconstruction of
-    /// `targets` from decoder `inputs` (which may have had word dropout).
-    pub fn forward(
-        &self,
-        targets: &Tensor,
-        lengths: &Tensor,
-        inputs: &Tensor,
-        pass: Pass,
-        z_from: ZFrom,
-    ) -> VaeOutput {
+    /// Encodes the batch's targets, takes z from q(z|x) as `z_from` says and scores their
+    /// reconstruction from decoder `inputs` (the batch's, or those after word dropout).
+    pub fn forward(&self, batch: &Batch, inputs: &Tensor, pass: Pass, z_from: ZFrom) -> VaeOutput {
         let train = pass == Pass::Train;
-        let (mu, logvar) = self.encoder.forward(targets, lengths, train);
+        let targets = &batch.targets;
+        let (mu, logvar) = self.encoder.forward(targets, &batch.lengths, train);
         let z = match z_from {
             ZFrom::Sample => Self::reparameterize(&mu, &logvar),
             ZFrom::Mean => mu.shallow_clone(),
         };
         let hidden = self.decoder.hidden(inputs, &z, train);
-        let rec = reconstruction_nll(&self.decoder, &hidden, targets, &z);
+        let rec = reconstruction_nll(&self.decoder, &hidden, targets, &batch.real, &z);
         VaeOutput { rec, mu, logvar, z }
     }
 
@@ -524,23 +517,11 @@ mod tests {
         let rows: Vec<&[i64]> = seqs.iter().map(Vec::as_slice).collect();
         let batch = Batch::new(&rows, Device::Cpu);
         // z = mu and dropout off: everything is deterministic.
-        let together = vae.forward(
-            &batch.targets,
-            &batch.lengths,
-            &batch.inputs,
-            Pass::Eval,
-            ZFrom::Mean,
-        );
+        let together = vae.forward(&batch, &batch.inputs, Pass::Eval, ZFrom::Mean);
         let mut alone_sum = 0.0;
         for (i, s) in rows.iter().enumerate() {
             let single = Batch::new(&[*s], Device::Cpu);
-            let out = vae.forward(
-                &single.targets,
-                &single.lengths,
-                &single.inputs,
-                Pass::Eval,
-                ZFrom::Mean,
-            );
+            let out = vae.forward(&single, &single.inputs, Pass::Eval, ZFrom::Mean);
             let a = out.rec.double_value(&[0]);
             let t = together.rec.double_value(&[i as i64]);
             assert!(

@@ -989,13 +989,7 @@ fn batch_loss(
     beta: f64,
 ) -> (tch::Tensor, tch::Tensor, tch::Tensor) {
     let inputs = word_dropout(&batch.inputs, cfg.word_dropout, true);
-    let out = vae.forward(
-        &batch.targets,
-        &batch.lengths,
-        &inputs,
-        Pass::Train,
-        ZFrom::Sample,
-    );
+    let out = vae.forward(batch, &inputs, Pass::Train, ZFrom::Sample);
     let kl = kl_per_dim(&out.mu, &out.logvar); // [B, Z]
     let rec = out.rec.mean(Kind::Float);
     let mut loss = &rec + beta * kl_term(&kl, cfg.free_bits, cfg.target_kl);
