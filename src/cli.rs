@@ -403,6 +403,15 @@ const MAX_BEAM: usize = 1_000;
 const MAX_STEPS: usize = 100_000;
 const MAX_IW_SAMPLES: usize = 100_000;
 
+/// `--batch-size` of decoding and evaluation: sentences at once, within MAX_DECODE_BATCH.
+fn check_batch_size(n: usize) -> Result<()> {
+    anyhow::ensure!(
+        (1..=MAX_DECODE_BATCH).contains(&n),
+        "--batch-size must be in 1..={MAX_DECODE_BATCH}, got {n}"
+    );
+    Ok(())
+}
+
 /// How sentences are decoded from z: shared by generate, reconstruct and interpolate.
 #[derive(clap::Args, Debug)]
 pub struct DecodeArgs {
@@ -451,11 +460,7 @@ impl DecodeArgs {
     }
 
     pub fn validate(&self) -> Result<()> {
-        anyhow::ensure!(
-            (1..=MAX_DECODE_BATCH).contains(&self.batch_size),
-            "--batch-size must be in 1..={MAX_DECODE_BATCH}, got {}",
-            self.batch_size
-        );
+        check_batch_size(self.batch_size)?;
         anyhow::ensure!(
             self.beam.is_none_or(|k| k <= MAX_BEAM),
             "--beam must be at most {MAX_BEAM}"
@@ -919,11 +924,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         "--iw-samples must be in 1..={MAX_IW_SAMPLES}, got {}",
         a.iw_samples
     );
-    anyhow::ensure!(
-        (1..=MAX_DECODE_BATCH).contains(&a.batch_size),
-        "--batch-size must be in 1..={MAX_DECODE_BATCH}, got {}",
-        a.batch_size
-    );
+    check_batch_size(a.batch_size)?;
     let corpus = data::read_corpus(&a.file)?;
     let (model, device) = a.model.load()?;
     let seqs = encode_inputs(&model, &corpus)?;

@@ -75,18 +75,20 @@ const TORCH_PANIC: &str = "Torch(\"";
 pub fn catch_torch<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(result) => result,
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied())
-                .unwrap_or_default();
-            match torch_message(msg) {
-                Some(m) => Err(anyhow!("libtorch: {m}")),
-                None => std::panic::resume_unwind(payload),
-            }
-        }
+        Err(payload) => match torch_message(panic_text(payload.as_ref())) {
+            Some(m) => Err(anyhow!("libtorch: {m}")),
+            None => std::panic::resume_unwind(payload),
+        },
     }
+}
+
+/// The message a panic carries (`panic!` gives a String or a &str), empty for anything else.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or_default()
 }
 
 /// Whether `err` (or a cause) is libtorch running out of memory, so callers can say what to lower.
@@ -121,13 +123,7 @@ fn torch_message(panic: &str) -> Option<String> {
 pub fn install_panic_hook() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| info.payload().downcast_ref::<&str>().copied())
-            .unwrap_or_default();
-        if !msg.contains(TORCH_PANIC) {
+        if !panic_text(info.payload()).contains(TORCH_PANIC) {
             default(info);
         }
     }));
