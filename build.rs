@@ -1,7 +1,7 @@
 //! Bakes the libtorch library directory into the binaries' rpath, so `textvae` runs with no
-//! `LD_LIBRARY_PATH`, and links `libtorch_cuda` explicitly when it exists: the linker's
-//! `--as-needed` would otherwise drop it (nothing references it by symbol) and CUDA would be
-//! silently unavailable on a GPU machine.
+//! `LD_LIBRARY_PATH`, and passes that directory to the crate (`TEXTVAE_LIBTORCH_LIB`): the binary
+//! is not linked against `libtorch_cuda`, which `runtime::load_cuda` loads at start-up where an
+//! NVIDIA driver exists (linked, it cost every command on a CPU-only machine 0.15 s and 265 MiB).
 use std::path::Path;
 
 fn main() {
@@ -9,18 +9,15 @@ fn main() {
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         println!("cargo:warning=DEP_TCH_LIBTORCH_LIB not set by torch-sys: no rpath baked in");
         println!("cargo:rustc-env=TEXTVAE_LIBTORCH_VERSION=unknown");
+        println!("cargo:rustc-env=TEXTVAE_LIBTORCH_LIB=");
         return;
     };
+    println!("cargo:rustc-env=TEXTVAE_LIBTORCH_LIB={lib}");
     println!(
         "cargo:rustc-env=TEXTVAE_LIBTORCH_VERSION={}",
         libtorch_version(Path::new(&lib))
     );
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-    if Path::new(&lib).join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-ltorch_cuda");
-        println!("cargo:rustc-link-arg=-Wl,--as-needed");
-    }
 }
 
 /// Reads the version from the PyTorch install (`torch/version.py` beside `torch/lib`) or a

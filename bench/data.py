@@ -25,13 +25,19 @@ def peak_rss_kib(pid):
     return None
 
 
-def timed(cmd):
-    """Seconds and peak RSS (KiB) of a command run to its end, by GNU time."""
-    with tempfile.NamedTemporaryFile("r") as t:
+def timed(cmd, stdout=subprocess.DEVNULL):
+    """Seconds and peak RSS (KiB) of a command run to its end (the kernel's account of that one
+    child, by wait4). Fails with the command's stderr if it fails."""
+    with tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        subprocess.run(["/usr/bin/time", "-f", "%M", "-o", t.name] + cmd, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return time.perf_counter() - start, int(open(t.name).read().split()[-1])
+        p = subprocess.Popen(cmd, stdout=stdout, stderr=err, text=True)
+        _, status, usage = os.wait4(p.pid, 0)
+        secs = time.perf_counter() - start
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0:
+            err.seek(0)
+            sys.exit(f"{' '.join(cmd)} failed ({p.returncode}):\n{err.read()[-4000:]}")
+    return secs, usage.ru_maxrss
 
 
 def until_plan(cmd):

@@ -14,7 +14,8 @@ sources=("$shared"/en/*.txt "$shared"/zh/*.txt "$shared"/ptb/ptb.train.txt)
 scripts/setup
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-while [ "$(wc -l < "$tmp/big.txt" 2>/dev/null || echo 0)" -lt "$lines" ]; do
+touch "$tmp/big.txt"
+while [ "$(wc -l < "$tmp/big.txt")" -lt "$lines" ]; do
   cat "${sources[@]}" >> "$tmp/big.txt"
 done
 head -n "$lines" "$tmp/big.txt" > "$tmp/corpus.txt"

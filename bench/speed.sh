@@ -12,9 +12,7 @@ cd "$(dirname "$0")/.."
 seconds="${1:-45}"
 rounds="${2:-3}"
 shift 2 || shift $# || true
-ptb="${PTB_DIR:-../shared/corpora/ptb}"
-[ -f "$ptb/ptb.train.txt" ] || { echo "bench/speed.sh: $ptb/ptb.train.txt not found (set PTB_DIR)" >&2; exit 1; }
-scripts/setup
-source scripts/env.sh
+source bench/lib.sh
+need_ptb speed.sh ptb.train.txt ptb.valid.txt
 PYTHONWARNINGS=ignore "$TEXTVAE_VENV/bin/python" bench/speed.py target/release/textvae "$ptb" \
   --seconds "$seconds" --rounds "$rounds" "$@"

@@ -36,6 +36,15 @@ $bin reconstruct "$work/unseen.txt" "${m[@]}" > "$work/reconstructions.tsv"
   echo
   $bin interpolate "Tom has known Mary since childhood." "Where is the nearest bank?" --steps 8 "${m[@]}"
 } > "$work/interpolations.txt"
+# One pair says little about walks in general: 50 pairs of unseen sentences, drawn with a fixed seed.
+python3 -c '
+import random, sys
+lines = [l.strip() for l in open(sys.argv[1]) if l.strip()]
+rng = random.Random(0)
+for _ in range(50):
+    print("\t".join(rng.sample(lines, 2)))
+' "$work/unseen.txt" > "$work/pairs.tsv"
+$bin interpolate --pairs "$work/pairs.tsv" --steps 8 "${m[@]}" > "$work/walks.txt"
 python3 - "$work" "bench/results/$name-$stamp" "$minutes" "$train_secs" "$*" <<'PY'
 import json, os, statistics, sys
 work, out, minutes, train_secs, extra = sys.argv[1:]
@@ -46,6 +55,9 @@ records = [json.loads(l) for l in open(os.path.join(model, "metrics.jsonl"))]
 speeds = [r["tokens_per_sec"] for r in records if r["kind"] == "train"]
 walks = open(os.path.join(work, "interpolations.txt")).read().strip().split("\n\n")
 distinct = [len(set(w.splitlines())) for w in walks]
+many = [len(set(w.splitlines())) for w in open(os.path.join(work, "walks.txt")).read().strip().split("\n\n")]
+walk_stats = {"pairs": len(many), "mean_distinct": sum(many) / len(many),
+              "share_at_least_7": sum(d >= 7 for d in many) / len(many)}
 recs = [l.rstrip("\n").split("\t") for l in open(os.path.join(work, "reconstructions.tsv"))]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 result = {
@@ -53,7 +65,7 @@ result = {
     "budget_minutes": float(minutes), "train_seconds": int(train_secs), "train_flags": extra,
     "steps": state["step"], "epochs": state["epoch"],
     "tokens_per_sec_median": statistics.median(speeds) if speeds else None,
-    "unseen": t, "interpolation_distinct_lines": distinct,
+    "unseen": t, "interpolation_distinct_lines": distinct, "walks": walk_stats,
     "config": json.load(open(os.path.join(model, "config.json"))),
 }
 json.dump(result, open(out + ".json", "w"), indent=2)
@@ -73,6 +85,9 @@ Greedy reconstructions (every 31st unseen sentence):
 | input | reconstruction |
 |---|---|
 {sample}
+
+Walks between 50 pairs of unseen sentences (seeded; `--steps 8`, 10 lines each): on average
+{walk_stats['mean_distinct']:.2f} distinct lines, {walk_stats['share_at_least_7']:.0%} of walks with at least 7.
 
 Interpolations (`--steps 8`, greedy; distinct lines: {distinct}):
 

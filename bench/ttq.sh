@@ -13,10 +13,8 @@ cd "$(dirname "$0")/.."
 minutes="${1:-10}"
 base_minutes="${2:-20}"
 base="${3:-2892887}"
-ptb="${PTB_DIR:-../shared/corpora/ptb}"
-[ -f "$ptb/ptb.train.txt" ] || { echo "bench/ttq.sh: $ptb/ptb.train.txt not found (set PTB_DIR)" >&2; exit 1; }
-scripts/setup
-source scripts/env.sh
+source bench/lib.sh
+need_ptb ttq.sh ptb.train.txt ptb.valid.txt
 wt="target/ttq-base"
 if [ ! -x "$wt/target/release/textvae" ] || [ "$(git -C "$wt" rev-parse HEAD 2>/dev/null)" != "$(git rev-parse "$base")" ]; then
   rm -rf "$wt"; git worktree prune

@@ -64,6 +64,15 @@ pub fn parse_corpus(bytes: &[u8]) -> Result<Corpus> {
     Ok(corpus)
 }
 
+/// `max` of `n` positions spread evenly from the first to near the last (all `n` when
+/// `max >= n`), so a subset of a file sorted by length still spans every length.
+pub fn evenly_spaced(n: usize, max: usize) -> Vec<usize> {
+    if max >= n {
+        return (0..n).collect();
+    }
+    (0..max).map(|i| i * n / max).collect()
+}
+
 /// A seeded split: about `share` of the sentences held out, never trained on.
 /// Takes `lines` rather than copying them: a large corpus is held once.
 pub fn split_valid(lines: Vec<String>, share: f64, seed: u64) -> (Vec<String>, Vec<String>) {
@@ -145,11 +154,26 @@ pub struct RealTokens {
 }
 
 impl RealTokens {
-    /// Found on the device from the targets themselves, for target tensors built there.
+    /// Found from the targets themselves (a `nonzero`, which waits for the device): the
+    /// reference the positions built elsewhere are tested against.
     pub fn find(targets: &Tensor) -> RealTokens {
         let t = targets.size()[1];
         let idx = targets.reshape([-1]).ne(PAD).nonzero().squeeze_dim(1); // [N]
         let sentence = idx.divide_scalar_mode(t, "floor"); // [N]
+        RealTokens { idx, sentence }
+    }
+
+    /// The real positions of the batch with each row repeated `s` times in place (row b becomes
+    /// rows b*s .. b*s+s-1, as `repeat_interleave` lays them out) for targets `t` wide, computed
+    /// from these without reading the targets back (no wait for the device).
+    pub fn repeat_interleave(&self, s: i64, t: i64) -> RealTokens {
+        let n = self.idx.size()[0];
+        let pos = (&self.idx - &self.sentence * t)
+            .unsqueeze(1)
+            .expand([n, s], false); // [N, S]
+        let copies = Tensor::arange(s, (Kind::Int64, self.idx.device())).unsqueeze(0); // [1, S]
+        let sentence = (self.sentence.unsqueeze(1) * s + copies).reshape([-1]); // [N*S]
+        let idx = &sentence * t + pos.reshape([-1]); // [N*S]
         RealTokens { idx, sentence }
     }
 }
@@ -296,6 +320,31 @@ mod tests {
         assert!(batch.real.sentence.equal(&found.sentence));
         let idx: Vec<i64> = Vec::try_from(&batch.real.idx).unwrap();
         assert_eq!(idx, vec![0, 1, 2, 3, 4, 5]);
+        // Repeating the rows in place moves the positions with them.
+        let repeated = batch.targets.repeat_interleave_self_int(3, 0, None); // [6, T]
+        let found = RealTokens::find(&repeated);
+        let moved = batch.real.repeat_interleave(3, 4);
+        let pairs = |r: &RealTokens| {
+            let mut v: Vec<(i64, i64)> = Vec::<i64>::try_from(&r.idx)
+                .unwrap()
+                .into_iter()
+                .zip(Vec::<i64>::try_from(&r.sentence).unwrap())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(pairs(&moved), pairs(&found));
+    }
+
+    #[test]
+    fn evenly_spaced_spans_the_set_without_repeats() {
+        assert_eq!(evenly_spaced(10, 4), vec![0, 2, 5, 7]);
+        assert_eq!(evenly_spaced(3, 5), vec![0, 1, 2]);
+        assert_eq!(evenly_spaced(7, 0), Vec::<usize>::new());
+        let picked = evenly_spaced(3761, 500);
+        assert_eq!(picked.len(), 500);
+        assert!(picked.windows(2).all(|w| w[0] < w[1]));
+        assert!(*picked.last().unwrap() >= 3761 - 3761 / 500 - 1); // (max - 1) n / max, floored
     }
 
     #[test]

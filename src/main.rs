@@ -3,6 +3,10 @@
 use clap::Parser;
 
 fn main() {
+    // Before anything asks libtorch about CUDA.
+    if let Some(warning) = textvae::runtime::load_cuda() {
+        eprintln!("warning: {warning}");
+    }
     let cli = textvae::cli::Cli::parse();
     textvae::runtime::install_panic_hook();
     textvae::runtime::tune_allocator();

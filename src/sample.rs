@@ -79,7 +79,11 @@ impl Strategy {
                 top_k,
                 top_p,
             } => {
-                let mut l = logits / temperature;
+                let mut l = if temperature == 1.0 {
+                    logits.shallow_clone()
+                } else {
+                    logits / temperature
+                };
                 if let Some(k) = top_k {
                     l = top_k_filter(&l, k);
                 }
@@ -95,14 +99,17 @@ impl Strategy {
 /// One token per row of softmax(`logits`) [B, V] -> [B], by inverting each row's cumulative
 /// distribution at one uniform number. One random number per row instead of one per word:
 /// Gumbel-max (and libtorch's multinomial, which draws exponentials) spend two logarithms per
-/// vocabulary entry, a third of the time of generating from a 10k-word model. The distribution
-/// is summed in double precision, and the point drawn stays strictly below its total, so the
+/// vocabulary entry, a third of the time of generating from a 10k-word model. The weights are
+/// exp(logit - max) summed in place, never normalised: three passes over [B, V] in all. A float
+/// running sum never decreases, and the point drawn stays strictly below its total, so the
 /// chosen word always has a non-zero probability.
 pub fn draw_from_softmax(logits: &Tensor) -> Tensor {
     let (b, v) = (logits.size()[0], logits.size()[1]);
-    let cdf = logits.softmax(-1, Kind::Float).cumsum(-1, Kind::Double); // [B, V]
+    let max = logits.amax([-1i64].as_slice(), true); // [B, 1]
+    let mut cdf = (logits - max).exp_(); // [B, V]
+    let _ = cdf.cumsum_(-1, Kind::Float);
     let total = cdf.narrow(1, v - 1, 1); // [B, 1]
-    let u = Tensor::rand([b, 1], (Kind::Double, logits.device())) * total * (1.0 - 1e-12);
+    let u = Tensor::rand([b, 1], (Kind::Float, logits.device())) * total * (1.0 - 1e-6);
     u.searchsorted(&cdf, false, true, "right", None::<Tensor>) // [B, 1]
         .squeeze_dim(1)
         .clamp_max(v - 1)
@@ -153,9 +160,11 @@ fn nucleus_within(logits: &Tensor, k: i64, p: f64) -> (Tensor, Tensor) {
 const NUCLEUS_PREFILTER: i64 = 256;
 
 /// `<pad>` and `<s>` are never targets: forbid them outright rather than trust training.
-fn ban_specials(logits: &Tensor) -> Tensor {
+fn ban_specials(mut logits: Tensor) -> Tensor {
     let banned = Tensor::from_slice(&[PAD, BOS]).to_device(logits.device());
-    logits.index_fill(1, &banned, f64::NEG_INFINITY)
+    // In place: the step's logits are this function's alone, and a copy is a pass over [B, V].
+    let _ = logits.index_fill_(1, &banned, f64::NEG_INFINITY);
+    logits
 }
 
 /// Everything that decides how z becomes a sentence.
@@ -222,9 +231,9 @@ pub fn repeated_ngram_bans(history: &[i64], n: usize) -> Vec<i64> {
 
 /// Sets to -inf, in scores [R, V], every token that would make row r repeat an n-gram of
 /// `histories[r]`.
-fn ban_repeats(scores: &Tensor, histories: &[Vec<i64>], n: usize) -> Tensor {
+fn ban_repeats(scores: Tensor, histories: &[Vec<i64>], n: usize) -> Tensor {
     if n == 0 {
-        return scores.shallow_clone();
+        return scores;
     }
     let v = scores.size()[1];
     let flat: Vec<i64> = histories
@@ -236,14 +245,12 @@ fn ban_repeats(scores: &Tensor, histories: &[Vec<i64>], n: usize) -> Tensor {
                 .map(move |t| r as i64 * v + t)
         })
         .collect();
-    if flat.is_empty() {
-        return scores.shallow_clone();
+    if !flat.is_empty() {
+        let idx = Tensor::from_slice(&flat).to_device(scores.device());
+        // In place through a flat view of the same storage (the scores are this function's).
+        let _ = scores.view([-1]).index_fill_(0, &idx, f64::NEG_INFINITY); // [R*V]
     }
-    let idx = Tensor::from_slice(&flat).to_device(scores.device());
     scores
-        .reshape([-1])
-        .index_fill(0, &idx, f64::NEG_INFINITY)
-        .view([-1, v]) // [R, V]
 }
 
 /// The longest sentence a decoding may be asked for: past it a length is a mistake, and a
@@ -284,7 +291,7 @@ fn sample_tokens(vae: &Vae, z: &Tensor, decoding: &Decoding) -> Result<Vec<Vec<i
             break;
         }
         let (logits, next_state) = vae.decoder.step(&tokens, &z, skip.as_ref(), &state);
-        let logits = ban_repeats(&ban_specials(&logits), &histories, n);
+        let logits = ban_repeats(ban_specials(logits), &histories, n);
         let next = strategy.choose(&logits); // [A]
         let host: Vec<i64> = Vec::try_from(next.to_device(Device::Cpu))?;
         let mut keep: Vec<i64> = Vec::with_capacity(rows.len());
@@ -351,8 +358,8 @@ fn beam_search(vae: &Vae, z: &Tensor, k: usize, decoding: &Decoding) -> Result<V
 
     for _ in 0..max_len {
         let (logits, next_state) = vae.decoder.step(&tokens, &zk, zk_skip.as_ref(), &state);
-        let logp = ban_specials(&logits).log_softmax(-1, Kind::Float); // [L*K, V]
-        let logp = ban_repeats(&logp, &histories, n);
+        let logp = ban_specials(logits).log_softmax(-1, Kind::Float); // [L*K, V]
+        let logp = ban_repeats(logp, &histories, n);
         let v = logp.size()[1];
         let prev = Tensor::from_slice(&scores)
             .to_kind(Kind::Float)

@@ -278,11 +278,16 @@ fn info_reports_versions_and_device() {
     for needle in [
         "textvae ",
         "libtorch 2.13",
+        "libtorch_cuda: ",
         "cuda available",
         "--device auto picks",
         "threads",
     ] {
         assert!(run.stdout.contains(needle), "{needle}: {}", run.stdout);
+    }
+    // Where the CUDA half was not loaded, libtorch must not claim CUDA.
+    if run.stdout.contains("libtorch_cuda: not loaded") {
+        assert!(run.stdout.contains("cuda available: no"), "{}", run.stdout);
     }
 }
 

@@ -343,6 +343,24 @@ fn eval_reports_the_reconstruction_that_reconstruct_scores() {
     assert!(f("rec_acc") > 0.9 && f("rec_bleu") > 80.0, "{v}");
 }
 
+/// `eval --sentences N` scores N sentences spread through the file; more than there are is all.
+#[test]
+fn eval_takes_an_evenly_spaced_subset() {
+    let corpus = common::tiny_corpus();
+    let c = corpus.to_str().unwrap();
+    let sentences = |n: &str| -> serde_json::Value {
+        let out = run(
+            &["eval", c, "--json", "--iw-samples", "2", "--sentences", n],
+            None,
+        );
+        serde_json::from_str::<serde_json::Value>(out.ok().stdout.trim()).unwrap()["sentences"]
+            .clone()
+    };
+    assert_eq!(sentences("5"), 5);
+    assert_eq!(sentences("1000"), 20);
+    run(&["eval", c, "--sentences", "0"], None).fails_with("--sentences must be at least 1");
+}
+
 #[test]
 fn importance_weighted_nll_tightens_the_elbo_bound() {
     let corpus = common::tiny_corpus();

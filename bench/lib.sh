@@ -1,0 +1,15 @@
+# Sourced by the bench scripts after `cd` to the repository root. `need_ptb SCRIPT FILE...`
+# sets $ptb to where PTB is read from (PTB_DIR, default ../shared/corpora/ptb: PTB is never
+# copied into the repository), fails naming the first FILE missing there, then builds textvae
+# and puts its venv on the path.
+need_ptb() {
+  local script=$1
+  shift
+  ptb="${PTB_DIR:-../shared/corpora/ptb}"
+  local f
+  for f in "$@"; do
+    [ -f "$ptb/$f" ] || { echo "bench/$script: $ptb/$f not found (set PTB_DIR)" >&2; exit 1; }
+  done
+  scripts/setup
+  source scripts/env.sh
+}
