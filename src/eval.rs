@@ -212,7 +212,8 @@ pub fn mutual_information(mu: &Tensor, logvar: &Tensor) -> f64 {
         .double_value(&[]);
     let std = (&logvar * 0.5).exp();
     let z = Vae::reparameterize(&mu, &logvar); // [N, Z]
-                                               // Rows of z in chunks, so that [chunk, N, Z] stays near 4M elements whatever N is.
+
+    // Rows of z in chunks, so that [chunk, N, Z] stays near 4M elements whatever N is.
     let chunk = (4_000_000 / (n * nz).max(1)).max(1);
     let mut log_qz_sum = 0.0f64;
     for z_rows in z.split(chunk, 0) {

@@ -97,8 +97,9 @@ impl Encoder {
     pub fn forward(&self, tokens: &Tensor, lengths: &Tensor, train: bool) -> (Tensor, Tensor) {
         let t = tokens.size()[1];
         let real = tokens.ne(PAD).unsqueeze(-1).to_kind(Kind::Float); // [B, T, 1]
-                                                                      // Zeroed pad embeddings make the padded tail look like the zero padding of the wide
-                                                                      // convolution, so a sentence's features do not depend on its batch-mates' lengths.
+
+        // Zeroed pad embeddings make the padded tail look like the zero padding of the wide
+        // convolution, so a sentence's features do not depend on its batch-mates' lengths.
         let e = Tensor::embedding(&self.emb, tokens, -1, false, false); // [B, T, E]
         let x = (e * real).transpose(1, 2); // [B, E, T]
         let pooled: Vec<Tensor> = self
