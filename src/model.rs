@@ -306,8 +306,8 @@ impl Decoder {
 /// [B, T, H] and the code z [B, Z]: [B]. Only real tokens are projected onto the vocabulary, so
 /// padding costs nothing (the output softmax is most of the model's compute) and contributes
 /// nothing to the loss. With `rows_per_pass`, the output layer runs over that many tokens at a
-/// time (evaluation, under no-grad): a [rows, V] block of logits that stays near the caches is
-/// scored faster than one that does not, and memory no longer grows with the batch.
+/// time (evaluation, under no-grad), so its memory is a [rows, V] block of logits however many
+/// samples a pass scores.
 pub fn reconstruction_nll(
     decoder: &Decoder,
     hidden: &Tensor,
