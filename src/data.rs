@@ -154,15 +154,6 @@ pub struct RealTokens {
 }
 
 impl RealTokens {
-    /// Found from the targets themselves (a `nonzero`, which waits for the device): the
-    /// reference the positions built elsewhere are tested against.
-    pub fn find(targets: &Tensor) -> RealTokens {
-        let t = targets.size()[1];
-        let idx = targets.reshape([-1]).ne(PAD).nonzero().squeeze_dim(1); // [N]
-        let sentence = idx.divide_scalar_mode(t, "floor"); // [N]
-        RealTokens { idx, sentence }
-    }
-
     /// The real positions of the batch with each row repeated `s` times in place (row b becomes
     /// rows b*s .. b*s+s-1, as `repeat_interleave` lays them out) for targets `t` wide, computed
     /// from these without reading the targets back (no wait for the device).
@@ -304,6 +295,15 @@ mod tests {
         }
     }
 
+    /// The real positions found from the targets themselves (a `nonzero`, which waits for the
+    /// device): the reference the positions built on the host are tested against.
+    fn real_tokens_in(targets: &Tensor) -> RealTokens {
+        let t = targets.size()[1];
+        let idx = targets.reshape([-1]).ne(PAD).nonzero().squeeze_dim(1); // [N]
+        let sentence = idx.divide_scalar_mode(t, "floor"); // [N]
+        RealTokens { idx, sentence }
+    }
+
     #[test]
     fn batch_layout_shifts_inputs_behind_bos() {
         let a: &[i64] = &[10, 11, 12];
@@ -315,14 +315,14 @@ mod tests {
         assert_eq!(inputs, vec![BOS, 10, 11, 12, BOS, 20, PAD, PAD]);
         assert_eq!(batch.n_tokens, 6);
         // The positions built on the host are the ones the device would find.
-        let found = RealTokens::find(&batch.targets);
+        let found = real_tokens_in(&batch.targets);
         assert!(batch.real.idx.equal(&found.idx));
         assert!(batch.real.sentence.equal(&found.sentence));
         let idx: Vec<i64> = Vec::try_from(&batch.real.idx).unwrap();
         assert_eq!(idx, vec![0, 1, 2, 3, 4, 5]);
         // Repeating the rows in place moves the positions with them.
         let repeated = batch.targets.repeat_interleave_self_int(3, 0, None); // [6, T]
-        let found = RealTokens::find(&repeated);
+        let found = real_tokens_in(&repeated);
         let moved = batch.real.repeat_interleave(3, 4);
         let pairs = |r: &RealTokens| {
             let mut v: Vec<(i64, i64)> = Vec::<i64>::try_from(&r.idx)

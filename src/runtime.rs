@@ -206,7 +206,8 @@ fn load_cuda_library() -> (String, Option<String>) {
                 return ("not loaded: no NVIDIA driver".into(), None);
             }
             let built = std::path::Path::new(LIBTORCH_LIB).join("libtorch_cuda.so");
-            let name = if built.is_file() {
+            let ours = built.is_file();
+            let name = if ours {
                 built.to_string_lossy().into_owned()
             } else {
                 "libtorch_cuda.so".to_string() // another libtorch: the rpath and LD_LIBRARY_PATH
@@ -218,7 +219,7 @@ fn load_cuda_library() -> (String, Option<String>) {
             if !cuda.is_null() {
                 return (format!("loaded ({name})"), None);
             }
-            if !built.is_file() {
+            if !ours {
                 return ("not loaded: libtorch without CUDA".into(), None);
             }
             let err = libc::dlerror();
