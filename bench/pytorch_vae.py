@@ -9,7 +9,7 @@ the reparameterised z, the LSTM decoder fed [embedding; z] at every step with it
 initialised from z, dropout on its input and output, word dropout, the output layer applied to
 real tokens only, the KL term with free bits, global-norm clipping and Adam.
 
-    pytorch_vae.py CORPUS --seconds S [--tie] [--conv-filters F] [--threads N] ...
+    pytorch_vae.py CORPUS --seconds S [--tie] [--conv-filters F] [--threads N] [--device cuda] ...
 
 Prints one JSON line: steps, real tokens (targets, </s> included), seconds and tokens/s over the
 steps after the first WARMUP ones, and the median tokens/s of windows of LOG_EVERY steps (as
@@ -75,7 +75,7 @@ class Encoder(nn.Module):
         pooled = []
         for k, conv in zip(self.widths, self.convs):
             h = conv(x).relu()  # [B, F, T + k - 1]
-            valid = torch.arange(t + k - 1).unsqueeze(0) < (lengths.unsqueeze(1) + k - 1)
+            valid = torch.arange(t + k - 1, device=tokens.device).unsqueeze(0) < (lengths.unsqueeze(1) + k - 1)
             pooled.append(h.masked_fill(~valid.unsqueeze(1), float("-inf")).amax(2))
         features = torch.cat(pooled, 1)
         return self.mu(features), self.logvar(features)
@@ -106,7 +106,7 @@ class Decoder(nn.Module):
         logits = self.out(out.reshape(-1, self.h).index_select(0, idx))
         nll = F.cross_entropy(logits, flat.index_select(0, idx), reduction="none")
         sentence = torch.div(idx, t, rounding_mode="floor")
-        return torch.zeros(b).index_add(0, sentence, nll)
+        return torch.zeros(b, device=nll.device).index_add(0, sentence, nll)
 
 
 def main():
@@ -130,13 +130,16 @@ def main():
     ap.add_argument("--clip-norm", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
+    device = torch.device(a.device)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     rng = random.Random(a.seed)
     seqs, v = read_corpus(a.corpus, a.vocab_size, a.max_len)
     enc = Encoder(v, a.emb_dim, a.conv_filters, [3, 4, 5], a.latent_dim)
     dec = Decoder(v, a.emb_dim, a.hidden_dim, a.latent_dim, a.tie, a.dropout)
+    enc.to(device); dec.to(device)
     params = list(enc.parameters()) + [p for p in dec.parameters()]
     opt = torch.optim.Adam(params, lr=a.lr)
     enc.train(); dec.train()
@@ -147,9 +150,10 @@ def main():
             if steps == a.warmup:
                 start, tokens = time.perf_counter(), 0
                 w_start, w_tokens = start, 0
-            targets, inputs, lengths = make_batch([seqs[i] for i in batch])
+            targets, inputs, lengths = (x.to(device, non_blocking=True)
+                                        for x in make_batch([seqs[i] for i in batch]))
             if a.word_dropout > 0:
-                drop = (torch.rand(inputs.shape) < a.word_dropout) & inputs.ne(PAD)
+                drop = (torch.rand(inputs.shape, device=device) < a.word_dropout) & inputs.ne(PAD)
                 drop[:, 0] = False
                 inputs = inputs.masked_fill(drop, UNK)
             mu, logvar = enc(targets, lengths)
@@ -165,8 +169,9 @@ def main():
             if math.isfinite(float(norm)) and math.isfinite(float(loss)):
                 opt.step()
             steps += 1
-            tokens += int(lengths.sum())
-            w_tokens += int(lengths.sum())
+            n = sum(len(seqs[i]) + 1 for i in batch)
+            tokens += n
+            w_tokens += n
             if w_start is not None and (steps - a.warmup) % a.log_every == 0:
                 now = time.perf_counter()
                 windows.append(w_tokens / (now - w_start))
@@ -176,7 +181,7 @@ def main():
                 print(json.dumps({"impl": "pytorch", "steps": steps - a.warmup, "tokens": tokens,
                                   "seconds": secs, "tokens_per_sec": tokens / secs,
                                   "window_median": sorted(windows)[len(windows) // 2] if windows else None,
-                                  "vocab": v, "threads": a.threads}))
+                                  "vocab": v, "threads": a.threads, "device": a.device}))
                 return
 
 

@@ -3,7 +3,7 @@
 run in alternation on one machine, with float32 matmul throughput measured in the same run.
 Called by bench/speed.sh, which builds textvae and finds the venv's python first.
 
-    speed.py TEXTVAE PTB_DIR [--seconds S] [--rounds R] [--models default,untied]
+    speed.py TEXTVAE PTB_DIR [--seconds S] [--rounds R] [--models default,untied] [--batch-size B]
 
 For each model and round: `textvae train` for S seconds of training (validation on 100 sentences,
 no checkpoints within the run), then pytorch_vae.py for S seconds, then pytorch_vae.py again with
@@ -51,10 +51,10 @@ def matmul_gflops(threads):
     return best
 
 
-def run_textvae(binary, ptb, valid, flags, seconds, out):
+def run_textvae(binary, ptb, valid, flags, seconds, out, batch_size):
     cmd = [binary, "train", os.path.join(ptb, "ptb.train.txt"), "--valid", valid,
            "--preset", "ptb", "--max-minutes", str(seconds / 60), "--log-every", "25",
-           "--save-every", "0", "--out", out] + flags
+           "--save-every", "0", "--batch-size", str(batch_size), "--out", out] + flags
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     speeds = [r["tokens_per_sec"] for r in records if r["kind"] == "train"][1:]
@@ -66,10 +66,10 @@ def run_textvae(binary, ptb, valid, flags, seconds, out):
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 
-def run_pytorch(ptb, flags, seconds, threads, tuned=False):
+def run_pytorch(ptb, flags, seconds, threads, batch_size, tuned=False):
     cmd = [sys.executable, os.path.join(HERE, "pytorch_vae.py"),
            os.path.join(ptb, "ptb.train.txt"), "--seconds", str(seconds),
-           "--threads", str(threads)] + flags
+           "--threads", str(threads), "--batch-size", str(batch_size)] + flags
     env = dict(os.environ, **TUNED_MALLOC) if tuned else None
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     r = json.loads(out.strip().splitlines()[-1])
@@ -85,6 +85,7 @@ def main():
     ap.add_argument("--models", default="default,untied")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--label", default="speed")
+    ap.add_argument("--batch-size", type=int, default=32)
     a = ap.parse_args()
     stamp = time.strftime("%Y%m%dT%H%MZ", time.gmtime())
     tmp = tempfile.mkdtemp(prefix="textvae-speed-")
@@ -98,16 +99,18 @@ def main():
         for r in range(a.rounds):
             matmul.append(matmul_gflops(a.threads))
             speed, vocab = run_textvae(a.textvae, a.ptb, valid, tv_flags, a.seconds,
-                                       os.path.join(tmp, f"{name}-{r}"))
+                                       os.path.join(tmp, f"{name}-{r}"), a.batch_size)
             tv.append(speed)
-            speed, py_vocab = run_pytorch(a.ptb, py_flags, a.seconds, a.threads)
+            speed, py_vocab = run_pytorch(a.ptb, py_flags, a.seconds, a.threads, a.batch_size)
             py.append(speed)
-            py_tuned.append(run_pytorch(a.ptb, py_flags, a.seconds, a.threads, tuned=True)[0])
+            py_tuned.append(run_pytorch(a.ptb, py_flags, a.seconds, a.threads, a.batch_size,
+                                        tuned=True)[0])
             print(f"{name} round {r + 1}: textvae {tv[-1]:.0f}, pytorch {py[-1]:.0f}, "
                   f"pytorch with textvae's malloc settings {py_tuned[-1]:.0f} tokens/s, "
                   f"matmul {matmul[-1]:.1f} GFLOP/s", file=sys.stderr)
         assert vocab == py_vocab, f"vocabularies differ: {vocab} vs {py_vocab}"
-        rows.append(dict(model=name, textvae_flags=" ".join(["--preset", "ptb"] + tv_flags),
+        rows.append(dict(model=name, textvae_flags=" ".join(
+                             ["--preset", "ptb", "--batch-size", str(a.batch_size)] + tv_flags),
                          vocab=vocab, flops_per_token=flops_per_token(dims, vocab),
                          textvae=tv, pytorch=py, pytorch_tuned_malloc=py_tuned,
                          textvae_median=statistics.median(tv),

@@ -86,7 +86,7 @@ Greedy reconstructions (every 31st unseen sentence):
 |---|---|
 {sample}
 
-Walks between 50 pairs of unseen sentences (seeded; `--steps 8`, 10 lines each): on average
+Walks between 50 pairs of unseen sentences (seeded; `--steps 8`, at most 10 lines each, spread over the sentences met along the path): on average
 {walk_stats['mean_distinct']:.2f} distinct lines, {walk_stats['share_at_least_7']:.0%} of walks with at least 7.
 
 Interpolations (`--steps 8`, greedy; distinct lines: {distinct}):

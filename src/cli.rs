@@ -14,7 +14,7 @@ use crate::checkpoint;
 use crate::config::{KlSchedule, LrSchedule, ModelConfig, Preset, Recipe, Selection, TrainConfig};
 use crate::data::{self, Corpus};
 use crate::eval;
-use crate::latent::{self, Method};
+use crate::latent::{self, Method, Spread};
 use crate::model::Vae;
 use crate::plot;
 use crate::runtime;
@@ -97,10 +97,11 @@ pub struct TrainArgs {
     /// training. A resumed run counts the minutes its earlier parts trained.
     #[arg(long)]
     pub max_minutes: Option<f64>,
-    /// Sentences per training step [default: 32].
+    /// Sentences per training step; on a GPU take 128 or more (README, Performance) [default:
+    /// 32; 64 with --preset ptb].
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Adam's learning rate [default: 2e-3; 3e-3 with --preset ptb].
+    /// Adam's learning rate [default: 2e-3; 4e-3 with --preset ptb].
     #[arg(long)]
     pub lr: Option<f64>,
     /// Gradients are scaled down to this global norm [default: 5].
@@ -525,11 +526,16 @@ pub struct InterpolateArgs {
     /// The sentence to end at.
     #[arg(required_unless_present_any = ["prior", "pairs"])]
     pub b: Option<String>,
-    /// Points between the two ends (steps + 2 lines are printed).
+    /// Points between the two ends: steps + 2 lines are printed (fewer with `--spread sentences`
+    /// where the path meets fewer sentences).
     #[arg(long, default_value_t = 8)]
     pub steps: usize,
     #[arg(long, value_enum, default_value = "lerp")]
     pub method: Method,
+    /// Where the lines come from: a sentence that holds a long stretch of the path fills one line
+    /// with `sentences`, several with `even` [default: sentences; even when sampling].
+    #[arg(long, value_enum)]
+    pub spread: Option<Spread>,
     /// Walk between two random samples of the prior instead of two sentences.
     #[arg(long, conflicts_with_all = ["a", "b", "pairs"])]
     pub prior: bool,
@@ -797,59 +803,95 @@ fn run_interpolate(a: InterpolateArgs) -> Result<()> {
         "--steps must be in 1..={MAX_STEPS} (the number of points between the two ends), got {}",
         a.steps
     );
+    let sampling = matches!(strategy, Strategy::Sample { .. });
+    anyhow::ensure!(
+        !(sampling && a.spread == Some(Spread::Sentences)),
+        "--spread sentences needs greedy or beam decoding: sampled lines differ at every point"
+    );
+    let spread = a.spread.unwrap_or(if sampling {
+        Spread::Even
+    } else {
+        Spread::Sentences
+    });
+    let (model, device) = a.model.load()?;
+    let ends = walk_ends(&a, &model, device)?;
+    let decoded = match spread {
+        Spread::Sentences => latent::dense_steps(a.steps),
+        Spread::Even => a.steps,
+    };
+    let decoding = a.decode.decoding(strategy, &model);
+    // Walks are decoded a group at a time, so that any number of pairs runs in bounded memory.
+    let per_pass = (WALK_POINTS_PER_PASS / (decoded + 2)).max(1);
+    let mut out = std::io::stdout().lock();
+    for (g, group) in ends.chunks(per_pass).enumerate() {
+        let mut points = Vec::new();
+        for (za, zb) in group {
+            points.extend(latent::path(za, zb, decoded, a.method)?);
+        }
+        let z = latent::to_tensor(&points, device);
+        let texts = sample::decode_texts(
+            &model.vae,
+            &model.tokenizer,
+            &z,
+            &decoding,
+            a.decode.batch_size,
+        )?;
+        for (i, walk) in texts.chunks(decoded + 2).enumerate() {
+            if g + i > 0 {
+                writeln!(out)?;
+            }
+            let lines = match spread {
+                Spread::Sentences => latent::spread_over_sentences(walk, a.steps + 2),
+                Spread::Even => walk.to_vec(),
+            };
+            for t in lines {
+                writeln!(out, "{t}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Points of walks decoded in one pass of `interpolate`.
+const WALK_POINTS_PER_PASS: usize = 65_536;
+
+/// The two ends of each walk `interpolate` was asked for: the posterior means of the sentences,
+/// or two draws from the prior.
+fn walk_ends(
+    a: &InterpolateArgs,
+    model: &checkpoint::Loaded,
+    device: Device,
+) -> Result<Vec<(Vec<f64>, Vec<f64>)>> {
+    if a.prior {
+        let zd = model.vae.latent_dim;
+        let z = latent::rows(&Tensor::randn([2, zd], (tch::Kind::Float, Device::Cpu)))?;
+        return Ok(vec![(z[0].clone(), z[1].clone())]);
+    }
     let pairs: Vec<(String, String)> = match (&a.pairs, &a.a, &a.b) {
         (Some(file), _, _) => read_pairs(file)?,
         (None, Some(x), Some(y)) => vec![(x.clone(), y.clone())],
         _ => Vec::new(),
     };
-    let (model, device) = a.model.load()?;
-    let zd = model.vae.latent_dim;
-    let ends: Vec<(Vec<f64>, Vec<f64>)> = if a.prior {
-        let z = latent::rows(&Tensor::randn([2, zd], (tch::Kind::Float, Device::Cpu)))?;
-        vec![(z[0].clone(), z[1].clone())]
-    } else {
-        let lines: Vec<String> = pairs
-            .iter()
-            .flat_map(|(x, y)| [x.clone(), y.clone()])
-            .collect();
-        for (i, l) in lines.iter().enumerate() {
-            anyhow::ensure!(
-                !l.trim().is_empty(),
-                "sentence {} of the interpolation is empty",
-                i + 1
-            );
-        }
-        let corpus = Corpus {
-            line_numbers: (1..=lines.len()).collect(),
-            lines,
-            blank_skipped: 0,
-        };
-        let seqs = encode_inputs(&model, &corpus)?;
-        let (mu, _) = latent::encode(&model.vae, &seqs, a.decode.batch_size, device);
-        let mu = latent::rows(&mu)?;
-        mu.chunks(2).map(|c| (c[0].clone(), c[1].clone())).collect()
+    let lines: Vec<String> = pairs
+        .iter()
+        .flat_map(|(x, y)| [x.clone(), y.clone()])
+        .collect();
+    for (i, l) in lines.iter().enumerate() {
+        anyhow::ensure!(
+            !l.trim().is_empty(),
+            "sentence {} of the interpolation is empty",
+            i + 1
+        );
+    }
+    let corpus = Corpus {
+        line_numbers: (1..=lines.len()).collect(),
+        lines,
+        blank_skipped: 0,
     };
-    let mut points = Vec::new();
-    for (za, zb) in &ends {
-        points.extend(latent::path(za, zb, a.steps, a.method)?);
-    }
-    let texts = sample::decode_texts(
-        &model.vae,
-        &model.tokenizer,
-        &latent::to_tensor(&points, device),
-        &a.decode.decoding(strategy, &model),
-        a.decode.batch_size,
-    )?;
-    let mut out = std::io::stdout().lock();
-    for (i, walk) in texts.chunks(a.steps + 2).enumerate() {
-        if i > 0 {
-            writeln!(out)?;
-        }
-        for t in walk {
-            writeln!(out, "{t}")?;
-        }
-    }
-    Ok(())
+    let seqs = encode_inputs(model, &corpus)?;
+    let (mu, _) = latent::encode(&model.vae, &seqs, a.decode.batch_size, device);
+    let mu = latent::rows(&mu)?;
+    Ok(mu.chunks(2).map(|c| (c[0].clone(), c[1].clone())).collect())
 }
 
 /// `A<TAB>B` per line; blank lines skipped; anything else is an error naming the line.
@@ -1090,7 +1132,13 @@ mod tests {
         assert_eq!(ptb.train.lr_schedule, t.lr_schedule);
         for (flag, stated) in [
             ("epochs", format!("[default: {}]", t.epochs)),
-            ("batch-size", format!("[default: {}]", t.batch_size)),
+            (
+                "batch-size",
+                format!(
+                    "[default: {}; {} with --preset ptb]",
+                    t.batch_size, ptb.train.batch_size
+                ),
+            ),
             (
                 "lr",
                 format!(

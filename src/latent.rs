@@ -67,6 +67,52 @@ pub fn path(a: &[f64], b: &[f64], steps: usize, method: Method) -> Result<Vec<Ve
         .collect())
 }
 
+/// Where the lines of a walk come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Spread {
+    /// The path is decoded at 16 points per step and the lines are spread over the sentences met
+    /// along it, each once, in order (fewer lines where it meets fewer sentences).
+    Sentences,
+    /// Evenly spaced points in z (Bowman et al. 2016's homotopies): a sentence that covers a long
+    /// stretch of the path fills several lines.
+    Even,
+}
+
+/// A walk spread over sentences is decoded at this many points per step, so that a sentence
+/// covering a sixteenth of a step is still met.
+const DENSE_PER_STEP: usize = 16;
+/// ... and at no more points than this in all (beyond it, every point is shown anyway).
+const MAX_DENSE_POINTS: usize = 4097;
+
+/// The points strictly between the ends at which a walk of `steps` is decoded to be spread over
+/// sentences: never fewer than `steps`.
+pub fn dense_steps(steps: usize) -> usize {
+    ((steps + 1) * DENSE_PER_STEP - 1)
+        .min(MAX_DENSE_POINTS - 2)
+        .max(steps)
+}
+
+/// The lines of a walk decoded at many points, in path order, shown as `shown` lines: runs of the
+/// same sentence collapse to one (the sentences met along the path), and `shown` of those are
+/// taken evenly spread over them, the first and last included; all of them when there are no
+/// more than `shown`.
+pub fn spread_over_sentences(texts: &[String], shown: usize) -> Vec<String> {
+    let mut met: Vec<&String> = Vec::new();
+    for t in texts {
+        if met.last() != Some(&t) {
+            met.push(t);
+        }
+    }
+    if met.len() <= shown || shown < 2 {
+        return met.into_iter().cloned().collect();
+    }
+    // round(i (M - 1) / (n - 1)): steps larger than 1, so no sentence is taken twice.
+    let (m, n) = (met.len() - 1, shown - 1);
+    (0..shown)
+        .map(|i| met[(2 * i * m + n) / (2 * n)].clone())
+        .collect()
+}
+
 /// Posterior means and log-variances of `seqs`, in input order: ([N, Z], [N, Z]) on the CPU.
 pub fn encode(vae: &Vae, seqs: &[Vec<i64>], batch_size: usize, device: Device) -> (Tensor, Tensor) {
     tch::no_grad(|| {
@@ -336,6 +382,42 @@ mod tests {
         assert_eq!(line_list(&[3, 6]), "lines 3, 6");
         let many: Vec<usize> = (1..=20).collect();
         assert_eq!(line_list(&many), "lines 1, 2, 3, 4, 5, 6, 7, 8 and 12 more");
+    }
+
+    fn texts(s: &str) -> Vec<String> {
+        s.split(' ').map(String::from).collect()
+    }
+
+    #[test]
+    fn a_walk_shows_each_sentence_met_once_in_order() {
+        let walk = texts("a a b b b c a a d");
+        assert_eq!(spread_over_sentences(&walk, 10), texts("a b c a d"));
+        assert_eq!(spread_over_sentences(&walk, 5), texts("a b c a d"));
+        assert_eq!(spread_over_sentences(&texts("a a a"), 4), texts("a"));
+    }
+
+    #[test]
+    fn more_sentences_than_lines_are_spread_with_both_ends_kept() {
+        let walk: Vec<String> = (0..20)
+            .flat_map(|i| [i.to_string(), i.to_string()])
+            .collect();
+        let shown = spread_over_sentences(&walk, 6);
+        assert_eq!(shown, texts("0 4 8 11 15 19"));
+        for n in 2..20 {
+            let shown = spread_over_sentences(&walk, n);
+            assert_eq!(shown.len(), n);
+            assert_eq!((shown[0].as_str(), shown[n - 1].as_str()), ("0", "19"));
+            let idx: Vec<usize> = shown.iter().map(|s| s.parse().unwrap()).collect();
+            assert!(idx.windows(2).all(|w| w[0] < w[1]), "{n}: {idx:?}");
+        }
+    }
+
+    #[test]
+    fn dense_walks_are_finer_but_bounded() {
+        assert_eq!(dense_steps(8), 143);
+        assert_eq!(dense_steps(1), 31);
+        assert_eq!(dense_steps(1000), MAX_DENSE_POINTS - 2);
+        assert_eq!(dense_steps(10_000), 10_000);
     }
 
     #[test]
