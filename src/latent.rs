@@ -1,6 +1,7 @@
 //! The latent space as a tool: encoding sentences to their posterior q(z|x) and walking between
 //! two codes (Bowman et al. 2016, "homotopies") by linear or spherical interpolation (slerp,
-//! White 2016, which keeps the path where Gaussian mass lives).
+//! White 2016, which keeps the path where Gaussian mass lives), shown at evenly spaced points or
+//! as the sentences met along the path.
 
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
@@ -81,7 +82,7 @@ pub enum Spread {
 /// A walk spread over sentences is decoded at this many points per step, so that a sentence
 /// covering a sixteenth of a step is still met.
 const DENSE_PER_STEP: usize = 16;
-/// ... and at no more points than this in all (beyond it, every point is shown anyway).
+/// ... but at no more points than this in all: a walk of more lines is decoded at its own points.
 const MAX_DENSE_POINTS: usize = 4097;
 
 /// The points strictly between the ends at which a walk of `steps` is decoded to be spread over
@@ -106,7 +107,8 @@ pub fn spread_over_sentences(texts: &[String], shown: usize) -> Vec<String> {
     if met.len() <= shown || shown < 2 {
         return met.into_iter().cloned().collect();
     }
-    // round(i (M - 1) / (n - 1)): steps larger than 1, so no sentence is taken twice.
+    // round(i m / n) with m > n: the index moves by more than 1 a line, so no sentence is taken
+    // twice.
     let (m, n) = (met.len() - 1, shown - 1);
     (0..shown)
         .map(|i| met[(2 * i * m + n) / (2 * n)].clone())
