@@ -1130,37 +1130,29 @@ mod tests {
         let ptb = Preset::Ptb.recipe();
         // Where the help states one default, the preset has it too.
         assert_eq!(ptb.train.lr_schedule, t.lr_schedule);
+        let both = |d: String, p: String| format!("[default: {d}; {p} with --preset ptb]");
         for (flag, stated) in [
             ("epochs", format!("[default: {}]", t.epochs)),
             (
                 "batch-size",
-                format!(
-                    "[default: {}; {} with --preset ptb]",
-                    t.batch_size, ptb.train.batch_size
-                ),
+                both(t.batch_size.to_string(), ptb.train.batch_size.to_string()),
             ),
             (
                 "lr",
-                format!(
-                    "[default: {:e}; {:e} with --preset ptb]",
-                    t.lr, ptb.train.lr
-                ),
+                both(format!("{:e}", t.lr), format!("{:e}", ptb.train.lr)),
             ),
             ("clip-norm", format!("[default: {}]", t.clip_norm)),
             ("seed", format!("[default: {}]", t.seed)),
             (
                 "max-len",
-                format!(
-                    "[default: {}; {} with --preset ptb]",
-                    t.max_len, ptb.train.max_len
-                ),
+                both(t.max_len.to_string(), ptb.train.max_len.to_string()),
             ),
             ("valid-share", format!("[default: {}]", t.valid_share)),
             (
                 "word-dropout",
-                format!(
-                    "[default: {}; {} with --preset ptb]",
-                    t.word_dropout, ptb.train.word_dropout
+                both(
+                    t.word_dropout.to_string(),
+                    ptb.train.word_dropout.to_string(),
                 ),
             ),
             ("emb-dim", format!("[default: {}]", m.emb_dim)),
@@ -1170,17 +1162,11 @@ mod tests {
             ("conv-filters", format!("[default: {}]", m.conv_filters)),
             (
                 "emb-dropout",
-                format!(
-                    "[default: {}; {} with --preset ptb]",
-                    m.emb_dropout, ptb.model.emb_dropout
-                ),
+                both(m.emb_dropout.to_string(), ptb.model.emb_dropout.to_string()),
             ),
             (
                 "out-dropout",
-                format!(
-                    "[default: {}; {} with --preset ptb]",
-                    m.out_dropout, ptb.model.out_dropout
-                ),
+                both(m.out_dropout.to_string(), ptb.model.out_dropout.to_string()),
             ),
         ] {
             let text = block(flag);
