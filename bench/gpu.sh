@@ -24,7 +24,8 @@ py="${PYTHON:-python3}"
 dev="${DEVICE:-cuda}"
 smoke="${SMOKE_CORPUS:-corpora/mobydick_sentences.txt}"
 eval_k="${EVAL_K:-500}"
-ptb="${PTB_DIR:-../shared/corpora/ptb}"
+source bench/lib.sh
+find_ptb gpu.sh ptb.train.txt ptb.valid.txt ptb.test.txt
 stamp=$(date -u +%Y%m%dT%H%MZ)
 results="${RESULTS:-bench/results}/gpu-$stamp"
 mkdir -p "$(dirname "$results")"

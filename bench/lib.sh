@@ -3,6 +3,13 @@
 # copied into the repository), fails naming the first FILE missing there, then builds textvae
 # and puts its venv on the path.
 need_ptb() {
+  find_ptb "$@"
+  scripts/setup
+  source scripts/env.sh
+}
+
+# `find_ptb SCRIPT FILE...`: need_ptb without the build, for a machine given a built binary.
+find_ptb() {
   local script=$1
   shift
   ptb="${PTB_DIR:-../shared/corpora/ptb}"
@@ -10,6 +17,4 @@ need_ptb() {
   for f in "$@"; do
     [ -f "$ptb/$f" ] || { echo "bench/$script: $ptb/$f not found (set PTB_DIR)" >&2; exit 1; }
   done
-  scripts/setup
-  source scripts/env.sh
 }
