@@ -82,8 +82,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, v, e, h, z, tie, dropout):
+    def __init__(self, v, e, h, z, tie, dropout, bf16=False):
         super().__init__()
+        self.bf16 = bf16
         self.emb = nn.Embedding(v, e)
         self.init = nn.Linear(z, 2 * h)
         self.lstm = nn.LSTM(e + z, h, batch_first=True)
@@ -103,7 +104,10 @@ class Decoder(nn.Module):
         out = F.dropout(out, self.dropout, self.training)
         flat = targets.reshape(-1)
         idx = flat.ne(PAD).nonzero().squeeze(1)  # real tokens only, as textvae
-        logits = self.out(out.reshape(-1, self.h).index_select(0, idx))
+        # --bf16: the output layer under autocast, as textvae's --precision bf16.
+        with torch.autocast(out.device.type, torch.bfloat16, enabled=self.bf16):
+            logits = self.out(out.reshape(-1, self.h).index_select(0, idx))
+        logits = logits.float()
         nll = F.cross_entropy(logits, flat.index_select(0, idx), reduction="none")
         sentence = torch.div(idx, t, rounding_mode="floor")
         return torch.zeros(b, device=nll.device).index_add(0, sentence, nll)
@@ -131,6 +135,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bf16", action="store_true",
+                    help="the output layer's matrix product in bfloat16 (torch.autocast)")
     a = ap.parse_args()
     device = torch.device(a.device)
     torch.set_num_threads(a.threads)
@@ -138,7 +144,7 @@ def main():
     rng = random.Random(a.seed)
     seqs, v = read_corpus(a.corpus, a.vocab_size, a.max_len)
     enc = Encoder(v, a.emb_dim, a.conv_filters, [3, 4, 5], a.latent_dim)
-    dec = Decoder(v, a.emb_dim, a.hidden_dim, a.latent_dim, a.tie, a.dropout)
+    dec = Decoder(v, a.emb_dim, a.hidden_dim, a.latent_dim, a.tie, a.dropout, a.bf16)
     enc.to(device); dec.to(device)
     params = list(enc.parameters()) + [p for p in dec.parameters()]
     opt = torch.optim.Adam(params, lr=a.lr)

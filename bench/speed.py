@@ -4,6 +4,7 @@ run in alternation on one machine, with float32 matmul throughput measured in th
 Called by bench/speed.sh, which builds textvae and finds the venv's python first.
 
     speed.py TEXTVAE PTB_DIR [--seconds S] [--rounds R] [--models default,untied] [--batch-size B]
+             [--precisions f32,bf16]
 
 For each model and round: `textvae train` for S seconds of training (validation on 100 sentences,
 no checkpoints within the run), then pytorch_vae.py for S seconds, then pytorch_vae.py again with
@@ -13,6 +14,9 @@ that gain is shown apart. Throughput is real tokens
 after the first (textvae's metrics.jsonl; the script's own windows). The model's FLOP/s is
 throughput x training FLOPs per real token (3 x forward: output layer 2HV, LSTM 8H(E+Z+H),
 encoder convolutions 2FE x sum of widths), against the best of three matmul shapes.
+--precisions (default f32) lists the output layer's number formats to run, each a row: given to
+both programs (textvae's --precision, the script's --bf16: the output layer under torch.autocast),
+with the matmul peak measured in that format too.
 Writes bench/results/speed-STAMP.{json,md}.
 """
 import argparse, json, os, platform, statistics, subprocess, sys, tempfile, time
@@ -36,11 +40,14 @@ def flops_per_token(d, vocab):
     return 3 * forward
 
 
-def matmul_gflops(threads):
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
+def matmul_gflops(threads, dtype):
     torch.set_num_threads(threads)
     best = 0.0
     for m, k, n in [(1024, 1024, 1024), (768, 256, 10000), (2048, 256, 1024)]:
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         for _ in range(3):
             a @ b
         reps, start = 0, time.perf_counter()
@@ -86,42 +93,49 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--label", default="speed")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--precisions", default="f32",
+                    help="comma-separated, of f32 and bf16: each is a row of its own")
     a = ap.parse_args()
+    precisions = a.precisions.split(",")
+    assert set(precisions) <= set(DTYPES), f"--precisions takes f32 and bf16, got {precisions}"
     stamp = time.strftime("%Y%m%dT%H%MZ", time.gmtime())
     tmp = tempfile.mkdtemp(prefix="textvae-speed-")
     valid = os.path.join(tmp, "valid.txt")
     with open(os.path.join(a.ptb, "ptb.valid.txt")) as f, open(valid, "w") as g:
         g.writelines(f.readlines()[:100])
-    rows, matmul = [], []
+    rows, matmul = [], {p: [] for p in precisions}
     for name in a.models.split(","):
         tv_flags, py_flags, dims = MODELS[name]
-        tv, py, py_tuned = [], [], []
-        for r in range(a.rounds):
-            matmul.append(matmul_gflops(a.threads))
-            speed, vocab = run_textvae(a.textvae, a.ptb, valid, tv_flags, a.seconds,
-                                       os.path.join(tmp, f"{name}-{r}"), a.batch_size)
-            tv.append(speed)
-            speed, py_vocab = run_pytorch(a.ptb, py_flags, a.seconds, a.threads, a.batch_size)
-            py.append(speed)
-            py_tuned.append(run_pytorch(a.ptb, py_flags, a.seconds, a.threads, a.batch_size,
-                                        tuned=True)[0])
-            print(f"{name} round {r + 1}: textvae {tv[-1]:.0f}, pytorch {py[-1]:.0f}, "
-                  f"pytorch with textvae's malloc settings {py_tuned[-1]:.0f} tokens/s, "
-                  f"matmul {matmul[-1]:.1f} GFLOP/s", file=sys.stderr)
-        assert vocab == py_vocab, f"vocabularies differ: {vocab} vs {py_vocab}"
-        rows.append(dict(model=name, textvae_flags=" ".join(
-                             ["--preset", "ptb", "--batch-size", str(a.batch_size)] + tv_flags),
-                         vocab=vocab, flops_per_token=flops_per_token(dims, vocab),
-                         textvae=tv, pytorch=py, pytorch_tuned_malloc=py_tuned,
-                         textvae_median=statistics.median(tv),
-                         pytorch_median=statistics.median(py),
-                         pytorch_tuned_malloc_median=statistics.median(py_tuned)))
-    peak = statistics.median(matmul)
+        for prec in precisions:
+            tv_run = tv_flags + ["--precision", prec]
+            py_run = py_flags + (["--bf16"] if prec == "bf16" else [])
+            tv, py, py_tuned = [], [], []
+            for r in range(a.rounds):
+                matmul[prec].append(matmul_gflops(a.threads, DTYPES[prec]))
+                speed, vocab = run_textvae(a.textvae, a.ptb, valid, tv_run, a.seconds,
+                                           os.path.join(tmp, f"{name}-{prec}-{r}"), a.batch_size)
+                tv.append(speed)
+                speed, py_vocab = run_pytorch(a.ptb, py_run, a.seconds, a.threads, a.batch_size)
+                py.append(speed)
+                py_tuned.append(run_pytorch(a.ptb, py_run, a.seconds, a.threads, a.batch_size,
+                                            tuned=True)[0])
+                print(f"{name} {prec} round {r + 1}: textvae {tv[-1]:.0f}, pytorch {py[-1]:.0f}, "
+                      f"pytorch with textvae's malloc settings {py_tuned[-1]:.0f} tokens/s, "
+                      f"{prec} matmul {matmul[prec][-1]:.1f} GFLOP/s", file=sys.stderr)
+            assert vocab == py_vocab, f"vocabularies differ: {vocab} vs {py_vocab}"
+            rows.append(dict(model=name, precision=prec, textvae_flags=" ".join(
+                                 ["--preset", "ptb", "--batch-size", str(a.batch_size)] + tv_run),
+                             vocab=vocab, flops_per_token=flops_per_token(dims, vocab),
+                             textvae=tv, pytorch=py, pytorch_tuned_malloc=py_tuned,
+                             textvae_median=statistics.median(tv),
+                             pytorch_median=statistics.median(py),
+                             pytorch_tuned_malloc_median=statistics.median(py_tuned)))
+    peak = {p: statistics.median(xs) for p, xs in matmul.items()}
     for row in rows:
         row["ratio"] = row["textvae_median"] / row["pytorch_median"]
         row["textvae_gflops"] = row["textvae_median"] * row["flops_per_token"] / 1e9
         row["pytorch_gflops"] = row["pytorch_median"] * row["flops_per_token"] / 1e9
-        row["textvae_share_of_matmul"] = row["textvae_gflops"] / peak
+        row["textvae_share_of_matmul"] = row["textvae_gflops"] / peak[row["precision"]]
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
                 if l.startswith("model name")), platform.processor())
     result = dict(date=stamp, machine=f"{cpu}, {os.cpu_count()} cores", threads=a.threads,
@@ -130,17 +144,20 @@ def main():
     out = os.path.join(HERE, "results", f"{a.label}-{stamp}")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     json.dump(result, open(out + ".json", "w"), indent=2)
+    peaks = ", ".join(f"{p} {v:.1f}" for p, v in peak.items())
     lines = [f"# Training throughput on PTB, {stamp}", "",
              f"{result['machine']}, {a.threads} threads, torch {torch.__version__}; "
              f"{a.rounds} rounds of {a.seconds:.0f} s each, in alternation; "
-             f"float32 matmul {peak:.1f} GFLOP/s (median of rounds).", "",
-             "| model | real tokens/s textvae (rounds) | PyTorch (rounds) | ratio | "
+             f"matmul GFLOP/s (median of rounds): {peaks}. A row's precision is that of both "
+             "programs' output layer; its share is of the matmul peak in that format.", "",
+             "| model | precision | real tokens/s textvae (rounds) | PyTorch (rounds) | ratio | "
              "PyTorch with textvae's malloc settings | MFLOP/token | textvae GFLOP/s | "
-             "share of matmul |", "|---|---|---|---|---|---|---|---|"]
+             "share of matmul |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         fmt = lambda xs: ", ".join(f"{x:.0f}" for x in xs)
         lines.append(
-            f"| {row['model']} (`{row['textvae_flags']}`) | **{row['textvae_median']:.0f}** "
+            f"| {row['model']} (`{row['textvae_flags']}`) | {row['precision']} | "
+            f"**{row['textvae_median']:.0f}** "
             f"({fmt(row['textvae'])}) | {row['pytorch_median']:.0f} ({fmt(row['pytorch'])}) | "
             f"**{row['ratio']:.2f}** | {row['pytorch_tuned_malloc_median']:.0f} "
             f"({fmt(row['pytorch_tuned_malloc'])}) | {row['flops_per_token'] / 1e6:.1f} | "

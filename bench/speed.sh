@@ -5,6 +5,9 @@
 #
 #   bench/speed.sh [SECONDS] [ROUNDS] [extra speed.py flags...]   (defaults 45 s, 3 rounds)
 #
+# e.g. `bench/speed.sh 30 3 --models default --precisions f32,bf16` adds rows with the output
+# layer in bfloat16 on both sides (textvae --precision bf16, the script under torch.autocast).
+#
 # PTB_DIR (default ../shared/corpora/ptb) is where PTB is read from. Run it on an otherwise idle
 # machine: the two programs share nothing but the cores.
 set -euo pipefail

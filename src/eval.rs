@@ -158,6 +158,7 @@ pub fn iw_log_likelihood(
             &real,
             &z,
             Some(passes.rows),
+            Kind::Float,
         ); // [B*S]
         let log_pz = log_normal_std(&z, &z.zeros_like()); // [B*S]
         let log_qz = log_normal_std(&eps, &logvar_r); // [B*S]

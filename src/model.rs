@@ -267,11 +267,26 @@ impl Decoder {
     /// Vocabulary logits from hidden states [..., H] -> [..., V], with z's skip term `skip`
     /// (from [`Self::z_skip`], broadcast over the leading dimensions) when the model has one.
     pub fn project(&self, hidden: &Tensor, skip: Option<&Tensor>) -> Tensor {
+        self.project_as(hidden, skip, Kind::Float)
+    }
+
+    /// `project` with the matrix product in number format `kind` (float32 or bfloat16) and the
+    /// logits in float32 whichever, so the softmax and the loss keep float32's precision. The
+    /// casts are differentiable: the weights' gradients arrive in float32.
+    pub fn project_as(&self, hidden: &Tensor, skip: Option<&Tensor>, kind: Kind) -> Tensor {
         let ws = self.out_ws.as_ref().unwrap_or(&self.emb.ws);
+        let linear = |h: &Tensor| {
+            if kind == Kind::Float {
+                return h.linear(ws, Some(&self.out_bs));
+            }
+            h.to_kind(kind)
+                .linear(&ws.to_kind(kind), Some(&self.out_bs.to_kind(kind)))
+                .to_kind(Kind::Float)
+        };
         match (&self.skip, skip) {
-            (Some(ZSkip::Hidden(_)), Some(s)) => (hidden + s).linear(ws, Some(&self.out_bs)),
-            (_, Some(s)) => hidden.linear(ws, Some(&self.out_bs)) + s,
-            (_, None) => hidden.linear(ws, Some(&self.out_bs)),
+            (Some(ZSkip::Hidden(_)), Some(s)) => linear(&(hidden + s)),
+            (_, Some(s)) => linear(hidden) + s,
+            (_, None) => linear(hidden),
         }
     }
 
@@ -307,7 +322,7 @@ impl Decoder {
 /// padding costs nothing (the output softmax is most of the model's compute) and contributes
 /// nothing to the loss. With `rows_per_pass`, the output layer runs over that many tokens at a
 /// time (evaluation, under no-grad), so its memory is a [rows, V] block of logits however many
-/// samples a pass scores.
+/// samples a pass scores. `kind` is the output layer's number format (`Decoder::project_as`).
 pub fn reconstruction_nll(
     decoder: &Decoder,
     hidden: &Tensor,
@@ -315,6 +330,7 @@ pub fn reconstruction_nll(
     real: &RealTokens,
     z: &Tensor,
     rows_per_pass: Option<i64>,
+    kind: Kind,
 ) -> Tensor {
     let b = targets.size()[0];
     let h_dim = hidden.size()[2];
@@ -326,7 +342,7 @@ pub fn reconstruction_nll(
     let token_nll = |start: i64, len: i64| {
         let sentence = real.sentence.narrow(0, start, len); // [R]
         let skip = skip.as_ref().map(|s| s.index_select(0, &sentence)); // [R, H] or [R, V]
-        let logits = decoder.project(&h.narrow(0, start, len), skip.as_ref()); // [R, V]
+        let logits = decoder.project_as(&h.narrow(0, start, len), skip.as_ref(), kind); // [R, V]
         logits.cross_entropy_loss::<Tensor>(
             &y.narrow(0, start, len),
             None,
@@ -397,6 +413,9 @@ pub struct Vae {
     pub encoder: Encoder,
     pub decoder: Decoder,
     pub latent_dim: i64,
+    /// The output layer's number format in `Pass::Train` forward passes (float32 unless
+    /// training sets another); evaluation passes always take float32.
+    pub train_kind: Kind,
 }
 
 /// What one forward pass gives the loss.
@@ -426,6 +445,7 @@ impl Vae {
             encoder,
             decoder,
             latent_dim: cfg.latent_dim,
+            train_kind: Kind::Float,
         }
     }
 
@@ -445,7 +465,8 @@ impl Vae {
             ZFrom::Mean => mu.shallow_clone(),
         };
         let hidden = self.decoder.hidden(inputs, &z, train);
-        let rec = reconstruction_nll(&self.decoder, &hidden, targets, &batch.real, &z, None);
+        let kind = if train { self.train_kind } else { Kind::Float };
+        let rec = reconstruction_nll(&self.decoder, &hidden, targets, &batch.real, &z, None, kind);
         VaeOutput { rec, mu, logvar, z }
     }
 
@@ -522,6 +543,56 @@ mod tests {
     }
 
     #[test]
+    fn a_bf16_output_layer_keeps_the_loss_and_float32_gradients() {
+        let _rng = crate::seeded(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut vae = Vae::new(
+            vs.root(),
+            &ModelConfig {
+                vocab_size: 300,
+                ..tiny()
+            },
+        );
+        let seqs: Vec<Vec<i64>> = vec![vec![5, 60, 7, 280, 9], vec![12, 13], vec![99; 9]];
+        let rows: Vec<&[i64]> = seqs.iter().map(Vec::as_slice).collect();
+        let batch = Batch::new(&rows, Device::Cpu);
+        let z = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
+        let hidden = vae.decoder.hidden(&batch.inputs, &z, false);
+        let (nll, grads): (Vec<Tensor>, Vec<Tensor>) = [Kind::Float, Kind::BFloat16]
+            .iter()
+            .map(|&kind| {
+                let nll = reconstruction_nll(
+                    &vae.decoder,
+                    &hidden,
+                    &batch.targets,
+                    &batch.real,
+                    &z,
+                    None,
+                    kind,
+                );
+                let g = Tensor::run_backward(
+                    &[nll.sum(Kind::Float)],
+                    &[&vae.decoder.out_bs],
+                    true,
+                    false,
+                );
+                (nll, g[0].shallow_clone())
+            })
+            .unzip();
+        assert_eq!(nll[1].kind(), Kind::Float);
+        assert_eq!(grads[1].kind(), Kind::Float);
+        assert!(nll[0].allclose(&nll[1], 1e-2, 1e-2, false), "{nll:?}");
+        let cos = (&grads[0] * &grads[1]).sum(Kind::Float) / (grads[0].norm() * grads[1].norm());
+        assert!(cos.double_value(&[]) > 0.999, "{cos:?}");
+        // Only training passes take the training format: evaluation stays float32.
+        vae.train_kind = Kind::BFloat16;
+        let eval = vae.forward(&batch, &batch.inputs, Pass::Eval, ZFrom::Mean);
+        vae.train_kind = Kind::Float;
+        let f32_eval = vae.forward(&batch, &batch.inputs, Pass::Eval, ZFrom::Mean);
+        assert!(eval.rec.equal(&f32_eval.rec));
+    }
+
+    #[test]
     fn padded_batch_loss_equals_sum_of_single_sentence_losses() {
         let _rng = crate::seeded(0);
         let vs = nn::VarStore::new(Device::Cpu);
@@ -576,7 +647,15 @@ mod tests {
             let z = Tensor::randn([4, 4], (Kind::Float, Device::Cpu));
             let hidden = vae.decoder.hidden(&batch.inputs, &z, false);
             let nll = |rows| {
-                reconstruction_nll(&vae.decoder, &hidden, &batch.targets, &batch.real, &z, rows)
+                reconstruction_nll(
+                    &vae.decoder,
+                    &hidden,
+                    &batch.targets,
+                    &batch.real,
+                    &z,
+                    rows,
+                    Kind::Float,
+                )
             };
             let whole = nll(None);
             for rows in [1, 3, 7, 17, 1000] {

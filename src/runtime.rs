@@ -3,7 +3,9 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use tch::{Cuda, Device};
+use tch::{Cuda, Device, Kind};
+
+use crate::config::Precision;
 
 /// Parses `--device`. `auto` takes CUDA device 0 when libtorch sees one; asking for CUDA where
 /// there is none is an error rather than a silent fall-back to the CPU.
@@ -46,6 +48,30 @@ pub fn set_threads(threads: Option<usize>) -> Result<()> {
     };
     tch::set_num_threads(n as i32);
     Ok(())
+}
+
+/// Whether this CPU multiplies bfloat16 natively (AVX512-BF16, which CPUs with AMX have too);
+/// elsewhere libtorch emulates it, slower than float32.
+pub fn cpu_has_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The number format `precision` stands for on `device`. `auto` takes bfloat16 only where it was
+/// measured to pay: a CPU with native bf16. On a GPU it stays float32 until measured there.
+pub fn matmul_kind(precision: Precision, device: Device) -> Kind {
+    match precision {
+        Precision::F32 => Kind::Float,
+        Precision::Bf16 => Kind::BFloat16,
+        Precision::Auto if device == Device::Cpu && cpu_has_bf16() => Kind::BFloat16,
+        Precision::Auto => Kind::Float,
+    }
 }
 
 /// Seeds libtorch's generator and sets the thread count: the two things a reproducible run needs.
@@ -263,6 +289,14 @@ pub fn info_lines() -> Vec<String> {
             device_name(Device::cuda_if_available())
         ),
         format!("threads: {}", tch::get_num_threads()),
+        format!(
+            "bf16 on the CPU: {}",
+            if cpu_has_bf16() {
+                "native (AVX512-BF16): train --precision auto takes bf16 on the CPU"
+            } else {
+                "not native: train --precision auto stays f32"
+            }
+        ),
     ]
 }
 
@@ -303,6 +337,15 @@ mod tests {
         if std::path::Path::new("/proc/meminfo").exists() {
             assert!(available_memory(Device::Cpu).unwrap() > 0);
         }
+    }
+
+    #[test]
+    fn precision_auto_takes_bf16_only_where_native() {
+        assert_eq!(matmul_kind(Precision::F32, Device::Cpu), Kind::Float);
+        assert_eq!(matmul_kind(Precision::Bf16, Device::Cpu), Kind::BFloat16);
+        assert_eq!(matmul_kind(Precision::Auto, Device::Cuda(0)), Kind::Float);
+        let auto = matmul_kind(Precision::Auto, Device::Cpu);
+        assert_eq!(auto == Kind::BFloat16, cpu_has_bf16());
     }
 
     #[test]

@@ -232,7 +232,8 @@ impl<'a> Trainer<'a> {
         };
         tch::manual_seed(step_seed(cfg.seed, 0));
         let vs = nn::VarStore::new(req.device);
-        let vae = Vae::new(vs.root(), &model_cfg);
+        let mut vae = Vae::new(vs.root(), &model_cfg);
+        vae.train_kind = runtime::matmul_kind(cfg.precision, req.device);
         let bow = (cfg.bow_weight > 0.0).then(|| BowHead::new(vs.root() / "bow", &model_cfg));
         let opt = Adam::new(&vs);
         let mut t = Self {
@@ -392,7 +393,7 @@ impl<'a> Trainer<'a> {
         let preview = self.epoch_batches(self.state.epoch);
         let prep = &self.prep;
         log(&format!(
-            "training {} on {}: {} sentences ({} tokens), validation {} sentences; {} tokenizer, {} tokens; {:.1}M parameters; padding {:.1}% of batch positions; device {}, {} threads",
+            "training {} on {}: {} sentences ({} tokens), validation {} sentences; {} tokenizer, {} tokens; {:.1}M parameters; padding {:.1}% of batch positions; device {}, {} threads, output layer in {} (--precision {})",
             self.dir.display(),
             self.req.corpus.display(),
             prep.train.seqs.len(),
@@ -404,6 +405,15 @@ impl<'a> Trainer<'a> {
             100.0 * data::padding_share(&self.lengths, &preview),
             crate::runtime::device_name(self.req.device),
             tch::get_num_threads(),
+            if self.vae.train_kind == Kind::BFloat16 {
+                "bf16"
+            } else {
+                "f32"
+            },
+            self.cfg
+                .precision
+                .to_possible_value()
+                .map_or_else(String::new, |v| v.get_name().to_string()),
         ));
         log(&objective_plan(&self.cfg));
         log(&lr_plan(&self.cfg));
@@ -777,6 +787,7 @@ const RESUME_MAY_CHANGE: &[&str] = &[
     "lr",
     "log_every",
     "max_nonfinite",
+    "precision",
 ];
 
 /// The configs a resumed run trains with: the saved model, and the saved training config with

@@ -197,6 +197,44 @@ fn same_seed_and_threads_give_the_same_losses() {
 }
 
 #[test]
+fn precision_sets_the_output_layer_format_of_training_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let losses = |precision: &str| -> Vec<String> {
+        let run = train_tiny(
+            dir.path(),
+            &[
+                "--epochs",
+                "1",
+                "--log-every",
+                "1",
+                "--precision",
+                precision,
+                "--out",
+                precision,
+            ],
+        );
+        run.ok();
+        assert!(
+            run.stderr.contains(&format!(
+                "output layer in {precision} (--precision {precision})"
+            )),
+            "{}",
+            run.stderr
+        );
+        read(&dir.path().join(precision).join("metrics.jsonl"))
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                format!("{} {} {}", v["kind"], v["loss"], v["valid_elbo"])
+            })
+            .collect()
+    };
+    let (f32, bf16) = (losses("f32"), losses("bf16"));
+    assert_eq!(f32.len(), bf16.len());
+    assert_ne!(f32, bf16, "bf16 must change the arithmetic");
+}
+
+#[test]
 fn resume_continues_and_existing_models_are_not_overwritten() {
     let dir = tempfile::tempdir().unwrap();
     train_tiny(dir.path(), &["--epochs", "1", "--out", "m"]).ok();
@@ -282,6 +320,7 @@ fn info_reports_versions_and_device() {
         "cuda available",
         "--device auto picks",
         "threads",
+        "bf16 on the CPU: ",
     ] {
         assert!(run.stdout.contains(needle), "{needle}: {}", run.stdout);
     }
