@@ -347,10 +347,10 @@ impl Selection {
     }
 }
 
-/// The number format of the output layer's matrix products while training (the layer is most of
-/// the model's arithmetic). Weights, optimiser state, the softmax and the loss stay float32 either
-/// way (mixed precision, Micikevicius et al. 2018, with bfloat16's float32 range so no loss
-/// scaling is needed); evaluation and validation always run in float32.
+/// The number format of the output layer's matrix products in training steps and in `eval`'s
+/// importance samples (the layer is most of the model's arithmetic). Weights, optimiser state,
+/// the softmax and the loss stay float32 either way (mixed precision, Micikevicius et al. 2018,
+/// with bfloat16's float32 range so no loss scaling is needed); validation stays float32.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {

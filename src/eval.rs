@@ -100,11 +100,12 @@ fn log_normal_std(eps: &Tensor, logvar: &Tensor) -> Tensor {
 /// How the importance-weighted NLL's work is cut into passes, by memory rather than a fixed
 /// token count: `positions` decoder positions (B x S x T, the LSTM's states) per pass of S
 /// samples of every sentence, and `rows` tokens per output-layer block ([rows, V] logits and
-/// their log-softmax).
+/// their log-softmax), with the output layer's products in number format `kind`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct IwPasses {
     pub positions: i64,
     pub rows: i64,
+    pub kind: Kind,
 }
 
 impl IwPasses {
@@ -113,7 +114,7 @@ impl IwPasses {
     /// at 0.6 GiB peak memory (was 1.8 GiB); 8 MiB blocks 24.0 s, 2 GiB blocks 25.8 s, 8k or
     /// 128k positions 22.2-22.4 s. The output layer's sgemm is 69% of the cycles either way.
     /// A GPU gets larger passes: it needs the work to stay busy, and has the memory.
-    pub fn for_device(vocab: i64, device: Device) -> IwPasses {
+    pub fn for_device(vocab: i64, device: Device, kind: Kind) -> IwPasses {
         let (positions, logit_bytes): (i64, i64) = match device {
             Device::Cpu => (32 << 10, 128 << 20),
             _ => (256 << 10, 1 << 30),
@@ -121,6 +122,7 @@ impl IwPasses {
         IwPasses {
             positions,
             rows: (logit_bytes / (vocab.max(1) * 8)).max(1),
+            kind,
         }
     }
 }
@@ -158,7 +160,7 @@ pub fn iw_log_likelihood(
             &real,
             &z,
             Some(passes.rows),
-            Kind::Float,
+            passes.kind,
         ); // [B*S]
         let log_pz = log_normal_std(&z, &z.zeros_like()); // [B*S]
         let log_qz = log_normal_std(&eps, &logvar_r); // [B*S]
@@ -173,16 +175,17 @@ pub fn iw_nll(vae: &Vae, seqs: &[Vec<i64>], k: usize, batch_size: usize, device:
     let mut nll = 0.0f64;
     tch::no_grad(|| {
         for (_, batch) in sorted_batches(seqs, batch_size, device) {
-            nll += batch_iw_nll(vae, &batch, k).0;
+            nll += batch_iw_nll(vae, &batch, k, Kind::Float).0;
         }
     });
     nll / seqs.len().max(1) as f64
 }
 
-/// Summed IW-NLL of one batch, with the batch's posterior (`mu`, `logvar` [B, Z]) for MI.
-fn batch_iw_nll(vae: &Vae, batch: &Batch, k: usize) -> (f64, Tensor, Tensor) {
+/// Summed IW-NLL of one batch, with the batch's posterior (`mu`, `logvar` [B, Z]) for MI; the
+/// output layer's products in `kind`.
+fn batch_iw_nll(vae: &Vae, batch: &Batch, k: usize, kind: Kind) -> (f64, Tensor, Tensor) {
     let (mu, logvar) = vae.encoder.forward(&batch.targets, &batch.lengths, false); // [B, Z]
-    let passes = IwPasses::for_device(vae.decoder.vocab_size(), batch.targets.device());
+    let passes = IwPasses::for_device(vae.decoder.vocab_size(), batch.targets.device(), kind);
     let nll = -iw_log_likelihood(vae, batch, &mu, &logvar, k, passes)
         .sum(Kind::Double)
         .double_value(&[]);
@@ -264,6 +267,8 @@ pub struct EvalReport {
     pub mi: f64,
     pub au: usize,
     pub iw_samples: usize,
+    /// The number format of the output layer's products in the NLL's samples: "f32" or "bf16".
+    pub iw_precision: String,
     /// Greedy reconstruction from the posterior mean, as `textvae reconstruct --score`: token
     /// accuracy, exact-match rate, corpus BLEU-4 (0-100).
     pub rec_acc: f64,
@@ -275,6 +280,8 @@ pub struct EvalReport {
 /// reconstructions are decoded (in chunks of `decode_batch`, as `reconstruct` does).
 pub struct EvalOptions {
     pub iw_samples: usize,
+    /// The output layer's number format in the NLL's samples (float32 or bfloat16).
+    pub iw_kind: Kind,
     pub batch_size: usize,
     pub decoding: Decoding,
     pub decode_batch: usize,
@@ -296,7 +303,7 @@ pub fn evaluate(
     let (mut mus, mut logvars) = (Vec::new(), Vec::new());
     let mi = tch::no_grad(|| {
         for (_, batch) in sorted_batches(seqs, opts.batch_size, device) {
-            let (batch_nll, mu, logvar) = batch_iw_nll(vae, &batch, opts.iw_samples);
+            let (batch_nll, mu, logvar) = batch_iw_nll(vae, &batch, opts.iw_samples, opts.iw_kind);
             nll += batch_nll;
             mus.push(mu);
             logvars.push(logvar);
@@ -321,6 +328,12 @@ pub fn evaluate(
         mi,
         au: elbo.au,
         iw_samples: opts.iw_samples,
+        iw_precision: if opts.iw_kind == Kind::BFloat16 {
+            "bf16"
+        } else {
+            "f32"
+        }
+        .to_string(),
         rec_acc: rec.token_accuracy,
         rec_exact: rec.exact_match,
         rec_bleu: rec.bleu,

@@ -414,7 +414,7 @@ pub struct Vae {
     pub decoder: Decoder,
     pub latent_dim: i64,
     /// The output layer's number format in `Pass::Train` forward passes (float32 unless
-    /// training sets another); evaluation passes always take float32.
+    /// training sets another); `Pass::Eval` forward passes always take float32.
     pub train_kind: Kind,
 }
 

@@ -433,6 +433,7 @@ fn importance_weighted_nll_tightens_the_elbo_bound() {
         "mi",
         "au",
         "iw_samples",
+        "iw_precision",
         "rec_acc",
         "rec_exact",
         "rec_bleu",
@@ -477,4 +478,35 @@ fn importance_weighted_nll_tightens_the_elbo_bound() {
         "{nll100} {nll10} {nll1:?}"
     );
     assert!(nll100 > 0.0);
+    // The NLL's samples in bfloat16: the same estimate within rounding, on the same draws.
+    let at = |precision: &str| {
+        let out = run(
+            &[
+                "eval",
+                corpus.to_str().unwrap(),
+                "--json",
+                "--iw-samples",
+                "10",
+                "--seed",
+                "7",
+                "--precision",
+                precision,
+            ],
+            None,
+        );
+        serde_json::from_str::<serde_json::Value>(out.ok().stdout.trim()).unwrap()
+    };
+    let (f32, bf16) = (at("f32"), at("bf16"));
+    assert_eq!(
+        (f32["iw_precision"].as_str(), bf16["iw_precision"].as_str()),
+        (Some("f32"), Some("bf16"))
+    );
+    assert_eq!(
+        f32["elbo"], bf16["elbo"],
+        "only the NLL's samples change format"
+    );
+    assert!(
+        (f(&f32, "nll") - f(&bf16, "nll")).abs() < 0.01 * f(&f32, "nll"),
+        "{f32} {bf16}"
+    );
 }
