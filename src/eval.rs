@@ -268,7 +268,7 @@ pub struct EvalReport {
     pub au: usize,
     pub iw_samples: usize,
     /// The number format of the output layer's products in the NLL's samples: "f32" or "bf16".
-    pub iw_precision: String,
+    pub iw_precision: &'static str,
     /// Greedy reconstruction from the posterior mean, as `textvae reconstruct --score`: token
     /// accuracy, exact-match rate, corpus BLEU-4 (0-100).
     pub rec_acc: f64,
@@ -328,12 +328,7 @@ pub fn evaluate(
         mi,
         au: elbo.au,
         iw_samples: opts.iw_samples,
-        iw_precision: if opts.iw_kind == Kind::BFloat16 {
-            "bf16"
-        } else {
-            "f32"
-        }
-        .to_string(),
+        iw_precision: crate::runtime::precision_name(opts.iw_kind),
         rec_acc: rec.token_accuracy,
         rec_exact: rec.exact_match,
         rec_bleu: rec.bleu,

@@ -74,6 +74,15 @@ pub fn matmul_kind(precision: Precision, device: Device) -> Kind {
     }
 }
 
+/// The `--precision` name of number format `kind`, for logs and reports.
+pub fn precision_name(kind: Kind) -> &'static str {
+    if kind == Kind::BFloat16 {
+        "bf16"
+    } else {
+        "f32"
+    }
+}
+
 /// Seeds libtorch's generator and sets the thread count: the two things a reproducible run needs.
 pub fn setup(seed: Option<u64>, threads: Option<usize>) -> Result<()> {
     set_threads(threads)?;
@@ -292,9 +301,9 @@ pub fn info_lines() -> Vec<String> {
         format!(
             "bf16 on the CPU: {}",
             if cpu_has_bf16() {
-                "native (AVX512-BF16): train --precision auto takes bf16 on the CPU"
+                "native (AVX512-BF16): train and eval --precision auto take bf16 on the CPU"
             } else {
-                "not native: train --precision auto stays f32"
+                "not native: train and eval --precision auto stay f32"
             }
         ),
     ]

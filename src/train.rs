@@ -405,11 +405,7 @@ impl<'a> Trainer<'a> {
             100.0 * data::padding_share(&self.lengths, &preview),
             crate::runtime::device_name(self.req.device),
             tch::get_num_threads(),
-            if self.vae.train_kind == Kind::BFloat16 {
-                "bf16"
-            } else {
-                "f32"
-            },
+            runtime::precision_name(self.vae.train_kind),
             self.cfg
                 .precision
                 .to_possible_value()
