@@ -603,8 +603,8 @@ pub struct EvalArgs {
     /// The output layer's number format in the NLL's importance samples, most of eval's time:
     /// auto takes bf16 on CPUs that multiply it natively, as `train --precision` (on PTB, K =
     /// 50 over 300 test sentences: the NLL 0.002 nats from f32's, the samples 1.9x as fast);
-    /// the ELBO, KL, MI and reconstructions are computed in f32 whichever [default: auto].
-    #[arg(long, value_enum, default_value_t = Precision::Auto, hide_default_value = true)]
+    /// the ELBO, KL, MI and reconstructions are computed in f32 whichever.
+    #[arg(long, value_enum, default_value_t = Precision::Auto)]
     pub precision: Precision,
     /// Never repeat an n-gram of this size in the greedy reconstructions (0 = off), as
     /// `reconstruct --no-repeat-ngram`.

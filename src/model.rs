@@ -267,20 +267,30 @@ impl Decoder {
     /// Vocabulary logits from hidden states [..., H] -> [..., V], with z's skip term `skip`
     /// (from [`Self::z_skip`], broadcast over the leading dimensions) when the model has one.
     pub fn project(&self, hidden: &Tensor, skip: Option<&Tensor>) -> Tensor {
-        self.project_as(hidden, skip, Kind::Float)
+        self.project_with(hidden, skip, &self.output_weights(Kind::Float))
     }
 
-    /// `project` with the matrix product in number format `kind` (float32 or bfloat16) and the
-    /// logits in float32 whichever, so the softmax and the loss keep float32's precision. The
-    /// casts are differentiable: the weights' gradients arrive in float32.
-    pub fn project_as(&self, hidden: &Tensor, skip: Option<&Tensor>, kind: Kind) -> Tensor {
+    /// The output layer's (weights [V, H], bias [V]) in number format `kind` (float32 or
+    /// bfloat16), cast once for every block a pass projects; in float32 the variables
+    /// themselves. The casts are differentiable: the gradients arrive in float32.
+    pub fn output_weights(&self, kind: Kind) -> (Tensor, Tensor) {
         let ws = self.out_ws.as_ref().unwrap_or(&self.emb.ws);
+        (ws.to_kind(kind), self.out_bs.to_kind(kind))
+    }
+
+    /// `project` through `weights` from [`Self::output_weights`]: the matrix product in their
+    /// number format, the logits in float32 whichever, so the softmax and the loss keep
+    /// float32's precision.
+    pub fn project_with(
+        &self,
+        hidden: &Tensor,
+        skip: Option<&Tensor>,
+        weights: &(Tensor, Tensor),
+    ) -> Tensor {
+        let (ws, bs) = weights;
         let linear = |h: &Tensor| {
-            if kind == Kind::Float {
-                return h.linear(ws, Some(&self.out_bs));
-            }
-            h.to_kind(kind)
-                .linear(&ws.to_kind(kind), Some(&self.out_bs.to_kind(kind)))
+            h.to_kind(ws.kind())
+                .linear(ws, Some(bs))
                 .to_kind(Kind::Float)
         };
         match (&self.skip, skip) {
@@ -322,7 +332,7 @@ impl Decoder {
 /// padding costs nothing (the output softmax is most of the model's compute) and contributes
 /// nothing to the loss. With `rows_per_pass`, the output layer runs over that many tokens at a
 /// time (evaluation, under no-grad), so its memory is a [rows, V] block of logits however many
-/// samples a pass scores. `kind` is the output layer's number format (`Decoder::project_as`).
+/// samples a pass scores. `kind` is the output layer's number format (`Decoder::output_weights`).
 pub fn reconstruction_nll(
     decoder: &Decoder,
     hidden: &Tensor,
@@ -339,10 +349,11 @@ pub fn reconstruction_nll(
     let skip = decoder.z_skip(z); // [B, H] or [B, V]
     let n = h.size()[0];
     let rows = rows_per_pass.unwrap_or(n).clamp(1, n.max(1));
+    let weights = decoder.output_weights(kind);
     let token_nll = |start: i64, len: i64| {
         let sentence = real.sentence.narrow(0, start, len); // [R]
         let skip = skip.as_ref().map(|s| s.index_select(0, &sentence)); // [R, H] or [R, V]
-        let logits = decoder.project_as(&h.narrow(0, start, len), skip.as_ref(), kind); // [R, V]
+        let logits = decoder.project_with(&h.narrow(0, start, len), skip.as_ref(), &weights); // [R, V]
         logits.cross_entropy_loss::<Tensor>(
             &y.narrow(0, start, len),
             None,
