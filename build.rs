@@ -2,22 +2,49 @@
 //! `LD_LIBRARY_PATH`, and passes that directory to the crate (`TEXTVAE_LIBTORCH_LIB`): the binary
 //! is not linked against `libtorch_cuda`, which `runtime::load_cuda` loads at start-up where an
 //! NVIDIA driver exists (linked, it cost every command on a CPU-only machine 0.15 s and 265 MiB).
+//! Also compiles `src/fused_adam.cpp` (libtorch's fused Adam, which tch does not wrap) against
+//! the headers beside that directory.
 use std::path::Path;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
-        println!("cargo:warning=DEP_TCH_LIBTORCH_LIB not set by torch-sys: no rpath baked in");
-        println!("cargo:rustc-env=TEXTVAE_LIBTORCH_VERSION=unknown");
-        println!("cargo:rustc-env=TEXTVAE_LIBTORCH_LIB=");
-        return;
+        panic!(
+            "DEP_TCH_LIBTORCH_LIB not set by torch-sys: libtorch's headers are needed for \
+             src/fused_adam.cpp (build through scripts/ or set LIBTORCH_USE_PYTORCH=1 with the \
+             torch venv active)"
+        );
     };
+    compile_fused_adam(Path::new(&lib));
     println!("cargo:rustc-env=TEXTVAE_LIBTORCH_LIB={lib}");
     println!(
         "cargo:rustc-env=TEXTVAE_LIBTORCH_VERSION={}",
         libtorch_version(Path::new(&lib))
     );
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+}
+
+/// Builds `src/fused_adam.cpp` as a static library linked into the crate. The headers sit beside
+/// the library directory in both layouts (a PyTorch install's `torch/include`, a standalone
+/// libtorch's `include`); the C++ ABI follows torch-sys's `LIBTORCH_CXX11_ABI` (default 1, what
+/// PyTorch's wheels use since 2.7).
+fn compile_fused_adam(lib: &Path) {
+    println!("cargo:rerun-if-changed=src/fused_adam.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let include = lib
+        .parent()
+        .map(|root| root.join("include"))
+        .unwrap_or_default();
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(&include)
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .file("src/fused_adam.cpp")
+        .compile("textvae_fused_adam");
 }
 
 /// Reads the version from the PyTorch install (`torch/version.py` beside `torch/lib`) or a

@@ -137,6 +137,9 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true",
                     help="the output layer's matrix product in bfloat16 (torch.autocast)")
+    ap.add_argument("--fused-adam", action="store_true",
+                    help="torch.optim.Adam(fused=True), the kernel textvae's optimiser runs "
+                         "(the default is PyTorch's own default: one op per step of the rule)")
     a = ap.parse_args()
     device = torch.device(a.device)
     torch.set_num_threads(a.threads)
@@ -147,7 +150,7 @@ def main():
     dec = Decoder(v, a.emb_dim, a.hidden_dim, a.latent_dim, a.tie, a.dropout, a.bf16)
     enc.to(device); dec.to(device)
     params = list(enc.parameters()) + [p for p in dec.parameters()]
-    opt = torch.optim.Adam(params, lr=a.lr)
+    opt = torch.optim.Adam(params, lr=a.lr, fused=a.fused_adam or None)
     enc.train(); dec.train()
     steps, tokens, start, beta = 0, 0, None, 0.0
     windows, w_tokens, w_start = [], 0, None

@@ -194,17 +194,24 @@ impl Batch {
             idx.extend(row..row + len);
             sentence.extend(std::iter::repeat_n(i as i64, len as usize));
         }
+        // One host-to-device copy for the whole batch (a GPU waits on each), then views of it.
+        let parts = [targets, inputs, lengths, idx, sentence];
+        let all = Tensor::from_slice(&parts.concat()).to_device(device);
+        let mut start = 0;
+        let mut next = |len: usize| {
+            let part = all.narrow(0, start, len as i64);
+            start += len as i64;
+            part
+        };
         let shape = [b as i64, t as i64];
         Batch {
-            targets: Tensor::from_slice(&targets).view(shape).to_device(device), // [B, T]
-            inputs: Tensor::from_slice(&inputs).view(shape).to_device(device),   // [B, T]
-            lengths: Tensor::from_slice(&lengths)
-                .to_kind(Kind::Int64)
-                .to_device(device),
+            targets: next(b * t).view(shape), // [B, T]
+            inputs: next(b * t).view(shape),  // [B, T]
+            lengths: next(b),                 // [B]
             n_tokens,
             real: RealTokens {
-                idx: Tensor::from_slice(&idx).to_device(device),
-                sentence: Tensor::from_slice(&sentence).to_device(device),
+                idx: next(n_tokens),      // [N]
+                sentence: next(n_tokens), // [N]
             },
         }
     }

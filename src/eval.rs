@@ -42,7 +42,8 @@ pub struct ElboStats {
     pub kl_dims: Vec<f64>,
 }
 
-/// Scores `seqs` (token ids without `</s>`) in batches of `batch_size`, under no-grad.
+/// Scores `seqs` (token ids without `</s>`) in batches of `batch_size`, under no-grad. The sums
+/// stay on the device until the last batch: one wait for it, not one per batch.
 pub fn evaluate_elbo(
     vae: &Vae,
     seqs: &[Vec<i64>],
@@ -53,21 +54,24 @@ pub fn evaluate_elbo(
         return Ok(ElboStats::default());
     }
     tch::no_grad(|| {
-        let (mut rec, mut tokens) = (0.0f64, 0usize);
-        let mut kl_dims = Tensor::zeros([vae.latent_dim], (Kind::Double, Device::Cpu));
+        let mut tokens = 0usize;
+        let mut rec = Tensor::zeros([], (Kind::Double, device));
+        let mut kl_dims = Tensor::zeros([vae.latent_dim], (Kind::Double, device));
         let mut mus = Vec::new();
         for (_, batch) in sorted_batches(seqs, batch_size, device) {
             let out = vae.forward(&batch, &batch.inputs, Pass::Eval, ZFrom::Sample);
-            rec += out.rec.sum(Kind::Double).double_value(&[]);
-            kl_dims += kl_per_dim(&out.mu, &out.logvar)
-                .sum_dim_intlist([0].as_slice(), false, Kind::Double)
-                .to_device(Device::Cpu); // [Z]
+            rec += out.rec.sum(Kind::Double);
+            kl_dims += kl_per_dim(&out.mu, &out.logvar).sum_dim_intlist(
+                [0].as_slice(),
+                false,
+                Kind::Double,
+            ); // [Z]
             tokens += batch.n_tokens;
-            mus.push(out.mu.to_device(Device::Cpu));
+            mus.push(out.mu);
         }
         let n = seqs.len() as f64;
-        let kl_dims: Vec<f64> = Vec::try_from(kl_dims / n)?;
-        let (rec, kl) = (rec / n, kl_dims.iter().sum::<f64>());
+        let kl_dims: Vec<f64> = Vec::try_from((kl_dims / n).to_device(Device::Cpu))?;
+        let (rec, kl) = (rec.double_value(&[]) / n, kl_dims.iter().sum::<f64>());
         Ok(ElboStats {
             sentences: seqs.len(),
             tokens,
@@ -172,23 +176,21 @@ pub fn iw_log_likelihood(
 
 /// Mean importance-weighted NLL per sentence of `seqs` (nats), K samples each, under no-grad.
 pub fn iw_nll(vae: &Vae, seqs: &[Vec<i64>], k: usize, batch_size: usize, device: Device) -> f64 {
-    let mut nll = 0.0f64;
+    let mut nll = Tensor::zeros([], (Kind::Double, device));
     tch::no_grad(|| {
         for (_, batch) in sorted_batches(seqs, batch_size, device) {
             nll += batch_iw_nll(vae, &batch, k, Kind::Float).0;
         }
     });
-    nll / seqs.len().max(1) as f64
+    nll.double_value(&[]) / seqs.len().max(1) as f64
 }
 
-/// Summed IW-NLL of one batch, with the batch's posterior (`mu`, `logvar` [B, Z]) for MI; the
-/// output layer's products in `kind`.
-fn batch_iw_nll(vae: &Vae, batch: &Batch, k: usize, kind: Kind) -> (f64, Tensor, Tensor) {
+/// Summed IW-NLL of one batch (a double scalar, left on the device), with the batch's posterior
+/// (`mu`, `logvar` [B, Z]) for MI; the output layer's products in `kind`.
+fn batch_iw_nll(vae: &Vae, batch: &Batch, k: usize, kind: Kind) -> (Tensor, Tensor, Tensor) {
     let (mu, logvar) = vae.encoder.forward(&batch.targets, &batch.lengths, false); // [B, Z]
     let passes = IwPasses::for_device(vae.decoder.vocab_size(), batch.targets.device(), kind);
-    let nll = -iw_log_likelihood(vae, batch, &mu, &logvar, k, passes)
-        .sum(Kind::Double)
-        .double_value(&[]);
+    let nll = -iw_log_likelihood(vae, batch, &mu, &logvar, k, passes).sum(Kind::Double);
     (nll, mu, logvar)
 }
 
@@ -299,7 +301,8 @@ pub fn evaluate(
     mut progress: impl FnMut(usize),
 ) -> Result<EvalReport> {
     let elbo = evaluate_elbo(vae, seqs, opts.batch_size, device)?;
-    let (mut nll, mut done) = (0.0f64, 0usize);
+    let mut done = 0usize;
+    let mut nll = Tensor::zeros([], (Kind::Double, device));
     let (mut mus, mut logvars) = (Vec::new(), Vec::new());
     let mi = tch::no_grad(|| {
         for (_, batch) in sorted_batches(seqs, opts.batch_size, device) {
@@ -317,6 +320,7 @@ pub fn evaluate(
     });
     let rec = reconstruction_score(vae, seqs, &opts.decoding, opts.decode_batch, device)?;
     let n = seqs.len().max(1) as f64;
+    let nll = nll.double_value(&[]);
     Ok(EvalReport {
         sentences: elbo.sentences,
         tokens: elbo.tokens,

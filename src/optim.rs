@@ -1,12 +1,16 @@
-//! Adam (Kingma & Ba 2015) over tch tensors, with PyTorch's defaults and update rule, written out
-//! because tch does not expose the state of libtorch's C++ optimisers: here the moments and the
-//! step count are named tensors, saved beside the weights, so a resumed run goes on with the
-//! optimiser where it was instead of restarting Adam's estimates from zero.
+//! Adam (Kingma & Ba 2015) over tch tensors, with PyTorch's defaults and update rule, run by
+//! libtorch's fused kernel (`torch.optim.Adam(fused=True)`; src/fused_adam.cpp, since tch does
+//! not wrap it): one pass over each weight instead of seven, with gradient clipping and the skip
+//! of a non-finite step decided on the device, so a step never waits for the host. The moments
+//! and the step count are named tensors, saved beside the weights, so a resumed run goes on with
+//! the optimiser where it was instead of restarting Adam's estimates from zero.
 
 use std::collections::HashMap;
+use std::ffi::{c_char, CStr};
 
-use anyhow::{ensure, Result};
-use tch::{nn, Kind, Tensor};
+use anyhow::{bail, ensure, Result};
+use tch::{nn, Device, Kind, Tensor};
+use torch_sys::C_tensor;
 
 const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
@@ -16,13 +20,61 @@ const EPS: f64 = 1e-8;
 /// `optim.v.NAME` for each trainable variable NAME.
 pub const PREFIX: &str = "optim.";
 
+extern "C" {
+    fn textvae_fused_adam(
+        params: *const *mut C_tensor,
+        grads: *const *mut C_tensor,
+        exp_avgs: *const *mut C_tensor,
+        exp_avg_sqs: *const *mut C_tensor,
+        n: usize,
+        step: *const C_tensor,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        grad_scale: *const C_tensor,
+        found_inf: *const C_tensor,
+    ) -> *mut c_char;
+    fn textvae_free_message(msg: *mut c_char);
+}
+
 pub struct Adam {
     /// The trainable variables by name, in name order.
     params: Vec<(String, Tensor)>,
     /// First and second moment estimates, one per parameter.
     m: Vec<Tensor>,
     v: Vec<Tensor>,
-    step: i64,
+    /// Steps taken (the bias corrections' t), as the kernel reads it: float, [1], on the device.
+    step: Tensor,
+}
+
+/// The two per-step scalars the kernel reads on the device: gradients are divided by
+/// `grad_scale`, and the step is skipped — weights, moments and step count unchanged — where
+/// `skip` is 1. Both float, [1].
+pub struct StepControl {
+    pub grad_scale: Tensor,
+    pub skip: Tensor,
+}
+
+impl StepControl {
+    /// Clipping to a global norm of `clip` (as tch's `clip_grad_norm`: scale by clip / (norm +
+    /// 1e-6) where that is below 1), and a skip unless `norm` and `loss` are both finite.
+    pub fn clip_or_skip(norm: &Tensor, loss: &Tensor, clip: f64) -> Self {
+        let finite = norm.isfinite().logical_and(&loss.isfinite());
+        Self {
+            grad_scale: ((norm + 1e-6) / clip)
+                .clamp_min(1.0)
+                .to_kind(Kind::Float)
+                .reshape([1]),
+            skip: finite.logical_not().to_kind(Kind::Float).reshape([1]),
+        }
+    }
+}
+
+/// Raw handles of `ts` for the C side, which only reads them (the tensors' data is updated in
+/// place, not the handles).
+fn handles<'a>(ts: impl Iterator<Item = &'a Tensor>) -> Vec<*mut C_tensor> {
+    ts.map(|t| t.as_ptr() as *mut C_tensor).collect()
 }
 
 impl Adam {
@@ -39,7 +91,7 @@ impl Adam {
             m: zeros(&params),
             v: zeros(&params),
             params,
-            step: 0,
+            step: Tensor::zeros([1], (Kind::Float, vs.device())),
         }
     }
 
@@ -52,9 +104,9 @@ impl Adam {
         Ok(Tensor::f_run_backward(&[loss], &params, false, false)?)
     }
 
-    /// Steps taken (the bias corrections' t).
+    /// Steps taken (the bias corrections' t); reads the count back from the device.
     pub fn steps(&self) -> i64 {
-        self.step
+        self.step.double_value(&[0]) as i64
     }
 
     /// Forgets the moments and the step count, as a new optimiser would have them.
@@ -63,41 +115,59 @@ impl Adam {
             for t in self.m.iter_mut().chain(self.v.iter_mut()) {
                 let _ = t.zero_();
             }
+            let _ = self.step.zero_();
         });
-        self.step = 0;
     }
 
-    /// One update at learning rate `lr` from `grads` (`gradients`' order):
-    /// m <- b1 m + (1 - b1) g, v <- b2 v + (1 - b2) g^2,
+    /// One update at learning rate `lr` from `grads` (`gradients`' order), divided by
+    /// `ctl.grad_scale`, unless `ctl.skip`: m <- b1 m + (1 - b1) g, v <- b2 v + (1 - b2) g^2,
     /// p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps), as torch.optim.Adam.
-    pub fn step(&mut self, grads: &[Tensor], lr: f64) {
-        self.step += 1;
-        let t = self.step as f64;
-        let step_size = lr / (1.0 - BETA1.powf(t));
-        let bc2_sqrt = (1.0 - BETA2.powf(t)).sqrt();
-        tch::no_grad(|| {
-            let params = self.params.iter_mut().zip(&mut self.m).zip(&mut self.v);
-            for ((((_, p), m), v), g) in params.zip(grads) {
-                if !g.defined() {
-                    continue;
-                }
-                let _ = m.lerp_(g, 1.0 - BETA1);
-                let _ = v.lerp_(&g.square(), 1.0 - BETA2);
-                // The same update with the bias correction moved out of the denominator, one
-                // pass over the weights fewer: step_size * m / (sqrt(v) / bc2 + eps)
-                // = step_size * bc2 * m / (sqrt(v) + eps * bc2); then p + m / (denom / -s).
-                let mut denom = v.sqrt();
-                let _ = denom.g_add_scalar_(EPS * bc2_sqrt);
-                let _ = denom.g_div_scalar_(-step_size * bc2_sqrt);
-                let _ = p.addcdiv_(m, &denom);
+    /// The gradients are consumed (the kernel scales them in place).
+    pub fn step(&mut self, grads: &[Tensor], lr: f64, ctl: &StepControl) -> Result<()> {
+        let reached: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].defined()).collect();
+        let params = handles(reached.iter().map(|&i| &self.params[i].1));
+        let grad_handles = handles(reached.iter().map(|&i| &grads[i]));
+        let m = handles(reached.iter().map(|&i| &self.m[i]));
+        let v = handles(reached.iter().map(|&i| &self.v[i]));
+        tch::no_grad(|| -> Result<()> {
+            // As torch.optim.Adam's fused path: count the step first, take it back if skipped.
+            let _ = self.step.g_add_scalar_(1.0);
+            // SAFETY: every handle points to a live tensor borrowed for this call, the four
+            // lists have `reached.len()` entries each, and the C side copies the handles' tensors
+            // (reference-counted) before it returns.
+            let err = unsafe {
+                textvae_fused_adam(
+                    params.as_ptr(),
+                    grad_handles.as_ptr(),
+                    m.as_ptr(),
+                    v.as_ptr(),
+                    reached.len(),
+                    self.step.as_ptr(),
+                    lr,
+                    BETA1,
+                    BETA2,
+                    EPS,
+                    ctl.grad_scale.as_ptr(),
+                    ctl.skip.as_ptr(),
+                )
+            };
+            if !err.is_null() {
+                // SAFETY: a non-null return is a NUL-terminated message from malloc, ours to free.
+                let msg = unsafe { CStr::from_ptr(err) }
+                    .to_string_lossy()
+                    .into_owned();
+                unsafe { textvae_free_message(err) };
+                bail!("the fused Adam step failed: {msg}");
             }
-        });
+            let _ = self.step.g_sub_(&ctl.skip);
+            Ok(())
+        })
     }
 
     /// The state as named tensors (on the CPU), for a checkpoint.
     pub fn named_state(&self) -> Vec<(String, Tensor)> {
-        let cpu = |t: &Tensor| t.to_device(tch::Device::Cpu);
-        let mut out = vec![(format!("{PREFIX}step"), Tensor::from_slice(&[self.step]))];
+        let cpu = |t: &Tensor| t.to_device(Device::Cpu);
+        let mut out = vec![(format!("{PREFIX}step"), Tensor::from_slice(&[self.steps()]))];
         for ((name, _), (m, v)) in self.params.iter().zip(self.m.iter().zip(&self.v)) {
             out.push((format!("{PREFIX}m.{name}"), cpu(m)));
             out.push((format!("{PREFIX}v.{name}"), cpu(v)));
@@ -129,7 +199,9 @@ impl Adam {
             }
             Ok(())
         })?;
-        self.step = step;
+        tch::no_grad(|| {
+            let _ = self.step.fill_(step as f64);
+        });
         Ok(true)
     }
 }
@@ -139,6 +211,84 @@ mod tests {
     use super::*;
     use tch::nn::{Module, OptimizerConfig};
     use tch::Device;
+
+    /// Neither scaled nor skipped.
+    fn plain() -> StepControl {
+        StepControl {
+            grad_scale: Tensor::ones([1], (Kind::Float, Device::Cpu)),
+            skip: Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+        }
+    }
+
+    fn scalar(x: f64) -> Tensor {
+        Tensor::from(x as f32)
+    }
+
+    #[test]
+    fn the_step_control_clips_to_the_norm_and_skips_what_is_not_finite() {
+        let get = |c: &StepControl| (c.grad_scale.double_value(&[0]), c.skip.double_value(&[0]));
+        let (scale, skip) = get(&StepControl::clip_or_skip(&scalar(10.0), &scalar(3.0), 5.0));
+        assert!((scale - 2.0).abs() < 1e-5 && skip == 0.0, "{scale} {skip}");
+        assert_eq!(
+            get(&StepControl::clip_or_skip(&scalar(1.0), &scalar(3.0), 5.0)),
+            (1.0, 0.0)
+        );
+        for (norm, loss) in [(f64::NAN, 1.0), (f64::INFINITY, 1.0), (1.0, f64::NAN)] {
+            let c = StepControl::clip_or_skip(&scalar(norm), &scalar(loss), 5.0);
+            assert_eq!(c.skip.double_value(&[0]), 1.0, "{norm} {loss}");
+        }
+    }
+
+    /// A skipped step changes nothing, even with NaN gradients; a scale of 2 is half the gradient.
+    #[test]
+    fn a_skipped_step_changes_nothing_and_the_scale_divides_the_gradient() {
+        let _rng = crate::seeded(13);
+        let (a, la, b, lb) = two_models();
+        let x = Tensor::randn([16, 5], (Kind::Float, Device::Cpu));
+        let loss = |l: &nn::Linear| (l.forward(&x) - 1.0).square().mean(Kind::Float);
+        let (mut first, mut second) = (Adam::new(&a), Adam::new(&b));
+        let grads = first.gradients(&loss(&la)).unwrap();
+        first.step(&grads, 0.05, &plain()).unwrap();
+        let before: Vec<(String, Tensor)> = first.named_state();
+        let weights: Vec<Tensor> = first.params.iter().map(|(_, p)| p.copy()).collect();
+        let nan: Vec<Tensor> = grads.iter().map(|g| g.full_like(f64::NAN)).collect();
+        let skip = StepControl {
+            skip: Tensor::ones([1], (Kind::Float, Device::Cpu)),
+            ..plain()
+        };
+        first.step(&nan, 0.05, &skip).unwrap();
+        assert_eq!(first.steps(), 1);
+        for ((_, p), w) in first.params.iter().zip(&weights) {
+            assert!(p.equal(w));
+        }
+        for ((name, t), (_, u)) in first.named_state().iter().zip(&before) {
+            assert!(t.equal(u), "{name}");
+        }
+
+        // The second model: the same first step, then both take one more from half / scaled
+        // gradients.
+        let grads = second.gradients(&loss(&lb)).unwrap();
+        second.step(&grads, 0.05, &plain()).unwrap();
+        let half: Vec<Tensor> = first
+            .gradients(&loss(&la))
+            .unwrap()
+            .iter()
+            .map(|g| g / 2.0)
+            .collect();
+        first.step(&half, 0.05, &plain()).unwrap();
+        let twice = StepControl {
+            grad_scale: Tensor::from_slice(&[2.0f32]),
+            ..plain()
+        };
+        let grads = second.gradients(&loss(&lb)).unwrap();
+        second.step(&grads, 0.05, &twice).unwrap();
+        for (name, t) in a.variables() {
+            assert!(
+                t.allclose(&b.variables()[&name], 1e-6, 1e-7, false),
+                "{name}"
+            );
+        }
+    }
 
     /// A small regression trained by this Adam and by libtorch's for ten steps at once.
     fn two_models() -> (nn::VarStore, nn::Linear, nn::VarStore, nn::Linear) {
@@ -162,7 +312,7 @@ mod tests {
             let grads = ours
                 .gradients(&(la.forward(&x) - &y).square().mean(Kind::Float))
                 .unwrap();
-            ours.step(&grads, 0.01);
+            ours.step(&grads, 0.01, &plain()).unwrap();
             theirs.zero_grad();
             (lb.forward(&x) - &y).square().mean(Kind::Float).backward();
             theirs.step();
@@ -183,7 +333,7 @@ mod tests {
         let mut first = Adam::new(&a);
         for _ in 0..3 {
             let grads = first.gradients(&loss(&la)).unwrap();
-            first.step(&grads, 0.05);
+            first.step(&grads, 0.05, &plain()).unwrap();
         }
         // The second model takes the first's weights and optimiser state, then both step once.
         let mut b = b;
@@ -194,7 +344,7 @@ mod tests {
         assert_eq!(second.steps(), 3);
         for (opt, l) in [(&mut first, &la), (&mut second, &lb)] {
             let grads = opt.gradients(&loss(l)).unwrap();
-            opt.step(&grads, 0.05);
+            opt.step(&grads, 0.05, &plain()).unwrap();
         }
         for (name, t) in a.variables() {
             assert!(

@@ -30,7 +30,7 @@ use crate::loss::{
     word_dropout,
 };
 use crate::model::{BowHead, Pass, Vae, ZFrom};
-use crate::optim::Adam;
+use crate::optim::{Adam, StepControl};
 use crate::runtime;
 use crate::sample::{Decoding, Strategy, DECODE_BATCH};
 use crate::tokenizer::{TextTokenizer, TokenizerSpec};
@@ -195,8 +195,8 @@ struct Trainer<'a> {
     elapsed_before: f64,
     /// When the last checkpoint was saved, for --save-every.
     last_save: Instant,
-    /// Non-finite steps in a row.
-    bad_run: u64,
+    /// Non-finite steps in a row, on the device.
+    skips: SkipRun,
     /// Steps in the run's epoch budget, for the linear schedule.
     total_steps: u64,
     /// Token count of each training sentence, what the batches are bucketed by.
@@ -256,7 +256,7 @@ impl<'a> Trainer<'a> {
             started,
             elapsed_before: 0.0,
             last_save: Instant::now(),
-            bad_run: 0,
+            skips: SkipRun::new(req.device),
         };
         if req.resume {
             t.resume()?;
@@ -425,7 +425,7 @@ impl<'a> Trainer<'a> {
         if let Some(bar) = &bar {
             bar.set_position(start as u64);
         }
-        let mut window = Window::new();
+        let mut window = Window::new(self.req.device);
         let mut stopped = None;
         for idx in &batches[start..] {
             let beta = runtime::catch_torch(|| self.train_step(idx, &mut window))
@@ -433,19 +433,20 @@ impl<'a> Trainer<'a> {
             self.state.batch_in_epoch += 1;
             if let Some(bar) = &bar {
                 bar.inc(1);
-                bar.set_message(window.message(beta));
             }
             if self.state.step.is_multiple_of(self.cfg.log_every) {
+                self.drain(&mut window)?;
                 self.metrics
                     .append(&window.record(self.state.step, epoch, beta, self.state.lr))?;
-                if bar.is_none() {
-                    log(&format!(
+                match &bar {
+                    Some(bar) => bar.set_message(window.message(beta)),
+                    None => log(&format!(
                         "epoch {epoch} step {} {}",
                         self.state.step,
                         window.message(beta)
-                    ));
+                    )),
                 }
-                window = Window::new();
+                window = Window::new(self.req.device);
             }
             if stop.load(Ordering::SeqCst) || self.req.stop_at_step == Some(self.state.step) {
                 stopped = Some(StopReason::Interrupted);
@@ -456,13 +457,43 @@ impl<'a> Trainer<'a> {
                 break;
             }
             if self.save_due() && self.state.batch_in_epoch < batches.len() {
+                self.drain(&mut window)?;
                 self.save_resume_point()?;
             }
         }
+        // The last steps' skips count in the state (and may stop the run) before anything is
+        // saved; a window cut short by the epoch's end is not a metrics record.
+        self.drain(&mut window)?;
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }
         Ok(stopped)
+    }
+
+    /// Reads the device's account of the steps since the last drain, the one wait for the device
+    /// in a logging window: the window's sums move to the host, skipped steps are counted and
+    /// logged, and a run of --max-nonfinite of them stops training.
+    fn drain(&mut self, window: &mut Window) -> Result<()> {
+        let (skipped, diverged_at) = window.drain(&self.skips)?;
+        if skipped == 0 {
+            return Ok(());
+        }
+        self.state.skipped_steps += skipped;
+        log(&format!(
+            "{skipped} of the steps up to step {} skipped: loss or gradient not finite",
+            self.state.step
+        ));
+        let kept = if self.dir.join(ckpt::LAST_WEIGHTS).is_file() {
+            format!("the last checkpoint in {} is kept", self.dir.display())
+        } else {
+            "no epoch had finished, so nothing was saved".to_string()
+        };
+        ensure!(
+            diverged_at == 0,
+            "training diverged: {} steps in a row up to step {diverged_at} had a non-finite loss or gradient (lower --lr?); {kept}",
+            self.cfg.max_nonfinite
+        );
+        Ok(())
     }
 
     /// One optimiser step on the batch of sentences `idx`; returns the step's beta.
@@ -502,25 +533,11 @@ impl<'a> Trainer<'a> {
         let kl = kl
             .sum_dim_intlist([1].as_slice(), false, Kind::Float)
             .mean(Kind::Float);
-        let applied = finite_step(
-            &mut self.opt,
-            &loss,
-            &[rec, kl],
-            cfg.clip_norm,
-            self.state.lr,
-        )?;
+        let ctl = optimiser_step(&mut self.opt, &loss, cfg.clip_norm, self.state.lr)?;
         self.state.step += 1;
-        match applied {
-            Some(v) => {
-                self.bad_run = 0;
-                window.add(v.loss, v.logged[0], v.logged[1], batch.n_tokens);
-            }
-            None => {
-                window.skipped += 1;
-                self.bad_run += 1;
-                skipped_step(&mut self.state, self.bad_run, &self.cfg, &self.dir)?;
-            }
-        }
+        window.add(&[&loss, &rec, &kl], &ctl.skip, batch.n_tokens);
+        self.skips
+            .add(&ctl.skip, self.state.step, cfg.max_nonfinite);
         Ok(beta)
     }
 
@@ -899,72 +916,20 @@ impl NewModel {
     }
 }
 
-/// Counts a step skipped for a non-finite loss or gradient, the `bad_run`-th in a row, and stops
-/// training once the run of them reaches `--max-nonfinite`.
-fn skipped_step(state: &mut TrainState, bad_run: u64, cfg: &TrainConfig, dir: &Path) -> Result<()> {
-    state.skipped_steps += 1;
-    log(&format!(
-        "step {}: loss or gradient not finite, step skipped ({bad_run} in a row)",
-        state.step
-    ));
-    let kept = if dir.join(ckpt::LAST_WEIGHTS).is_file() {
-        format!("the last checkpoint in {} is kept", dir.display())
-    } else {
-        "no epoch had finished, so nothing was saved".to_string()
-    };
-    ensure!(
-        bad_run < cfg.max_nonfinite,
-        "training diverged: {bad_run} steps in a row up to step {} had a non-finite loss or gradient (lower --lr?); {kept}",
-        state.step
-    );
-    Ok(())
-}
-
-/// What a step read back from the device, at once.
-struct StepValues {
-    loss: f64,
-    /// The `log` tensors' values, in their order.
-    logged: Vec<f64>,
-}
-
 /// Backpropagates `loss` and applies the optimiser step at `lr` with the global gradient norm
 /// clipped to `clip` (as tch's `clip_grad_norm`) — unless the loss or the gradient norm is not
-/// finite: then the gradients are dropped and the weights stay as they were. The loss, the
-/// gradient norm and the scalars `log` (for the log line) are read back in one copy, the step's
-/// only wait for the device. None when the step was skipped.
-fn finite_step(
-    opt: &mut Adam,
-    loss: &tch::Tensor,
-    log: &[tch::Tensor],
-    clip: f64,
-    lr: f64,
-) -> Result<Option<StepValues>> {
+/// finite: then the weights stay as they were. Decided on the device, with no wait for it; the
+/// returned control's `skip` says which it was.
+fn optimiser_step(opt: &mut Adam, loss: &tch::Tensor, clip: f64, lr: f64) -> Result<StepControl> {
     let grads = opt.gradients(loss)?;
     let norms: Vec<tch::Tensor> = grads
         .iter()
         .filter(|g| g.defined())
         .map(|g| g.norm())
         .collect();
-    let mut scalars = vec![tch::Tensor::stack(&norms, 0).norm(), loss.detach()];
-    scalars.extend(log.iter().map(|t| t.detach().to_kind(Kind::Float)));
-    let values = Vec::<f64>::try_from(tch::Tensor::stack(&scalars, 0).to_kind(Kind::Double))?;
-    let (norm, value) = (values[0], values[1]);
-    if !(norm.is_finite() && value.is_finite()) {
-        return Ok(None);
-    }
-    let coef = clip / (norm + 1e-6);
-    if coef < 1.0 {
-        tch::no_grad(|| {
-            for g in grads.iter().filter(|g| g.defined()) {
-                let _ = g.shallow_clone().g_mul_scalar_(coef);
-            }
-        });
-    }
-    opt.step(&grads, lr);
-    Ok(Some(StepValues {
-        loss: value,
-        logged: values[2..].to_vec(),
-    }))
+    let ctl = StepControl::clip_or_skip(&tch::Tensor::stack(&norms, 0).norm(), loss, clip);
+    opt.step(&grads, lr, &ctl)?;
+    Ok(ctl)
 }
 
 /// The learning-rate schedule in words, for the log.
@@ -1141,41 +1106,70 @@ fn progress_bar(terminal: bool, len: u64, epoch: usize) -> Option<ProgressBar> {
     Some(bar)
 }
 
-/// Running means over a logging window.
+/// Running means over a logging window. The step's losses stay on the device, summed there, and
+/// come back once per window (`drain`), so a step never waits for the device.
 struct Window {
     start: Instant,
     steps: usize,
+    tokens: usize,
+    /// Drained sums over the applied steps: loss, rec, kl; and the skipped steps.
     loss: f64,
     rec: f64,
     kl: f64,
-    tokens: usize,
-    /// Steps skipped for a non-finite loss or gradient.
     skipped: u64,
+    /// The same four sums since the last drain, on the device: [4].
+    pending: tch::Tensor,
 }
 
 impl Window {
-    fn new() -> Self {
+    fn new(device: Device) -> Self {
         Self {
             start: Instant::now(),
-            skipped: 0,
             steps: 0,
+            tokens: 0,
             loss: 0.0,
             rec: 0.0,
             kl: 0.0,
-            tokens: 0,
+            skipped: 0,
+            pending: tch::Tensor::zeros([4], (Kind::Float, device)),
         }
     }
 
-    fn add(&mut self, loss: f64, rec: f64, kl: f64, tokens: usize) {
+    /// One step's scalars (loss, rec, kl), counted unless the step was skipped (`skip` [1] is 1).
+    fn add(&mut self, values: &[&tch::Tensor; 3], skip: &tch::Tensor, tokens: usize) {
+        tch::no_grad(|| {
+            let values: Vec<tch::Tensor> = values.iter().map(|t| t.detach().reshape([1])).collect();
+            // masked_fill, not a product: a skipped step's NaN times 0 is still NaN.
+            let values = tch::Tensor::cat(&values, 0)
+                .to_kind(Kind::Float)
+                .masked_fill(&skip.to_kind(Kind::Bool), 0.0); // [3]
+            let _ = self
+                .pending
+                .g_add_(&tch::Tensor::cat(&[values, skip.shallow_clone()], 0));
+        });
         self.steps += 1;
-        self.loss += loss;
-        self.rec += rec;
-        self.kl += kl;
         self.tokens += tokens;
     }
 
+    /// Moves the pending sums to the host, in the same read as `skips`' state: (steps skipped
+    /// since the last drain, the step at which a run of them reached the limit or 0).
+    fn drain(&mut self, skips: &SkipRun) -> Result<(u64, u64)> {
+        let read = tch::Tensor::cat(&[&self.pending, &skips.run, &skips.diverged_at], 0)
+            .to_kind(Kind::Double);
+        let v = Vec::<f64>::try_from(&read)?;
+        tch::no_grad(|| {
+            let _ = self.pending.zero_();
+        });
+        self.loss += v[0];
+        self.rec += v[1];
+        self.kl += v[2];
+        let skipped = v[3].round() as u64;
+        self.skipped += skipped;
+        Ok((skipped, v[5].round() as u64))
+    }
+
     fn mean(&self, x: f64) -> f64 {
-        x / self.steps.max(1) as f64
+        x / (self.steps as u64).saturating_sub(self.skipped).max(1) as f64
     }
 
     fn tokens_per_sec(&self) -> f64 {
@@ -1200,6 +1194,35 @@ impl Window {
             "beta": beta, "lr": lr, "tokens_per_sec": self.tokens_per_sec(),
             "skipped_steps": self.skipped,
         })
+    }
+}
+
+/// Non-finite steps in a row, counted on the device across logging windows.
+struct SkipRun {
+    /// Skipped steps in a row ending at the last step: [1].
+    run: tch::Tensor,
+    /// The step at which a run first reached --max-nonfinite, 0 while none has: [1].
+    diverged_at: tch::Tensor,
+}
+
+impl SkipRun {
+    fn new(device: Device) -> Self {
+        Self {
+            run: tch::Tensor::zeros([1], (Kind::Float, device)),
+            diverged_at: tch::Tensor::zeros([1], (Kind::Float, device)),
+        }
+    }
+
+    /// Step `step` (1-based) was skipped where `skip` [1] is 1.
+    fn add(&mut self, skip: &tch::Tensor, step: u64, limit: u64) {
+        tch::no_grad(|| {
+            let _ = self.run.g_add_scalar_(1.0).g_mul_(skip);
+            let hit = self
+                .run
+                .ge(limit as f64)
+                .logical_and(&self.diverged_at.eq(0.0));
+            let _ = self.diverged_at.masked_fill_(&hit, step as f64);
+        });
     }
 }
 
