@@ -13,7 +13,7 @@ shape of the corpus is seen once: training's peak RSS). Then, each its own proce
 2. `textvae eval ptb.test.txt --iw-samples K`: the wall time a user waits, and peak RSS.
 The importance sampling's own rate is the difference: tokens x (K - 1) decoder positions in
 t_K - t_1 seconds, each costing the forward pass's output layer (2HV) and LSTM (8H(E+Z+H)).
---precision is given to `textvae eval` (the output layer's format in the importance samples;
+--precision is given to `textvae eval` (the LSTM's and the output layer's format in the importance samples;
 default auto, textvae's own); the matmul peak is measured in the format that ran.
 Writes bench/results/eval-STAMP.{json,md}.
 """
@@ -84,7 +84,7 @@ def main():
     lines = [
         f"# Importance-weighted evaluation, PTB test, {stamp}", "",
         f"{r['machine']}; model V = {v}, H = {h}, E = {e}, Z = {z}; "
-        f"output layer in {precision} (`--precision {a.precision}`); "
+        f"samples in {precision} (`--precision {a.precision}`); "
         f"{'bfloat16' if precision == 'bf16' else 'float32'} matmul {matmul:.1f} GFLOP/s in "
         "this run.", "",
         "| K | sentences | tokens | wall time | of which fixed (K = 1) | sentences x samples/s "

@@ -231,11 +231,13 @@ pub struct TrainArgs {
     /// the learning rate is halved, counted once beta has settled.
     #[arg(long)]
     pub lr_patience: Option<usize>,
-    /// Steps per log line and metrics record.
+    /// Steps per log line and metrics record; also how often the training losses are read back
+    /// from the device (the one wait for it within a window) [default: 50].
     #[arg(long)]
     pub log_every: Option<u64>,
     /// A step whose loss or gradient is NaN or infinite is skipped (and counted); after this
-    /// many in a row training stops with an error, keeping the last checkpoint [default: 20].
+    /// many in a row training stops with an error, keeping the last checkpoint, at the next log
+    /// line (--log-every) [default: 20].
     #[arg(long)]
     pub max_nonfinite: Option<u64>,
     /// Minutes between checkpoints within an epoch (0 = at epoch ends only), so that a kill
@@ -243,11 +245,12 @@ pub struct TrainArgs {
     /// [default: 10].
     #[arg(long, value_name = "MINUTES")]
     pub save_every: Option<f64>,
-    /// The output layer's number format in training steps: bf16 multiplies the largest
-    /// matrices in bfloat16 with float32 weights, softmax and loss (mixed precision); auto
-    /// takes bf16 on CPUs that multiply it natively (AVX512-BF16: 1.5x the tokens/s on PTB, the
-    /// same validation ELBO per step) and f32 elsewhere, GPUs included; validation always runs
-    /// in f32 (`eval --precision` is eval's own) [default: auto].
+    /// The number format of the matrix products in training steps (the encoder's convolutions,
+    /// the LSTM, the output layer): bf16 multiplies in bfloat16 with float32 weights, optimiser,
+    /// softmax and loss (mixed precision); auto takes bf16 on CPUs that multiply it natively
+    /// (AVX512-BF16: about 1.7x the tokens/s on PTB, the same validation ELBO per step) and f32
+    /// elsewhere, GPUs included; validation always runs in f32 (`eval --precision` is eval's
+    /// own) [default: auto].
     #[arg(long, value_enum)]
     pub precision: Option<Precision>,
     /// auto, cpu, cuda or cuda:N.
@@ -600,10 +603,11 @@ pub struct EvalArgs {
     /// iw_precision, rec_acc, rec_exact, rec_bleu.
     #[arg(long)]
     pub json: bool,
-    /// The output layer's number format in the NLL's importance samples, most of eval's time:
-    /// auto takes bf16 on CPUs that multiply it natively, as `train --precision` (on PTB, K =
-    /// 50 over 300 test sentences: the NLL 0.002 nats from f32's, the samples 1.9x as fast);
-    /// the ELBO, KL, MI and reconstructions are computed in f32 whichever.
+    /// The number format of the LSTM and the output layer in the NLL's importance samples, most
+    /// of eval's time: auto takes bf16 on CPUs that multiply it natively, as `train
+    /// --precision` (on PTB, K = 50 over 300 test sentences: the NLL within the run-to-run
+    /// spread of f32's, the samples over 2x as fast); the ELBO, KL, MI and reconstructions are
+    /// computed in f32 whichever.
     #[arg(long, value_enum, default_value_t = Precision::Auto)]
     pub precision: Precision,
     /// Never repeat an n-gram of this size in the greedy reconstructions (0 = off), as
@@ -1041,7 +1045,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         );
         println!("rec  {:.2}  kl {:.2}  elbo {:.2}  nats/sentence (1 sample, beta 1: an upper bound on the NLL)", r.rec, r.kl, r.neg_elbo);
         println!(
-            "nll  {:.2}  nats/sentence (importance-weighted, K = {}, output layer in {})",
+            "nll  {:.2}  nats/sentence (importance-weighted, K = {}, samples in {})",
             r.nll, r.iw_samples, r.iw_precision
         );
         println!("ppl  {:.2}", r.ppl);

@@ -347,8 +347,9 @@ impl Selection {
     }
 }
 
-/// The number format of the output layer's matrix products in training steps and in `eval`'s
-/// importance samples (the layer is most of the model's arithmetic). Weights, optimiser state,
+/// The number format of the matrix products in training steps (the encoder's convolutions, the
+/// LSTM, the output layer) and in `eval`'s importance samples (the LSTM and the output layer).
+/// Weights, optimiser state,
 /// the softmax and the loss stay float32 either way (mixed precision, Micikevicius et al. 2018,
 /// with bfloat16's float32 range so no loss scaling is needed); validation stays float32.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -442,7 +443,7 @@ pub struct TrainConfig {
     pub max_nonfinite: u64,
     /// Minutes between checkpoints within an epoch (0 = at epoch ends only).
     pub save_every: f64,
-    /// The output layer's number format in training steps.
+    /// The matrix products' number format in training steps.
     pub precision: Precision,
 }
 

@@ -104,7 +104,7 @@ fn log_normal_std(eps: &Tensor, logvar: &Tensor) -> Tensor {
 /// How the importance-weighted NLL's work is cut into passes, by memory rather than a fixed
 /// token count: `positions` decoder positions (B x S x T, the LSTM's states) per pass of S
 /// samples of every sentence, and `rows` tokens per output-layer block ([rows, V] logits and
-/// their log-softmax), with the output layer's products in number format `kind`.
+/// their log-softmax), with the LSTM and the output layer's products in number format `kind`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct IwPasses {
     pub positions: i64,
@@ -155,7 +155,7 @@ pub fn iw_log_likelihood(
         let z = &mu_r + (&logvar_r * 0.5).exp() * &eps;
         let inputs = batch.inputs.repeat_interleave_self_int(s, 0, None); // [B*S, T]
         let targets = batch.targets.repeat_interleave_self_int(s, 0, None); // [B*S, T]
-        let hidden = vae.decoder.hidden(&inputs, &z, false);
+        let hidden = vae.decoder.hidden_as(&inputs, &z, false, passes.kind); // [B*S, T, H]
         let real = batch.real.repeat_interleave(s, t);
         let log_px_z = -reconstruction_nll(
             &vae.decoder,

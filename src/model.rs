@@ -95,25 +95,44 @@ impl Encoder {
     /// `tokens` [B, T] (padded with `<pad>`), `lengths` [B] -> (`mu`, `logvar`), each [B, Z].
     /// `train` lets batch normalisation of `mu` (BN-VAE) use and update batch statistics.
     pub fn forward(&self, tokens: &Tensor, lengths: &Tensor, train: bool) -> (Tensor, Tensor) {
+        self.forward_as(tokens, lengths, train, Kind::Float)
+    }
+
+    /// `forward` with the convolutions multiplied in number format `kind` (float32 or
+    /// bfloat16, weights cast per call); pooling output and heads in float32.
+    pub fn forward_as(
+        &self,
+        tokens: &Tensor,
+        lengths: &Tensor,
+        train: bool,
+        kind: Kind,
+    ) -> (Tensor, Tensor) {
         let t = tokens.size()[1];
         let real = tokens.ne(PAD).unsqueeze(-1).to_kind(Kind::Float); // [B, T, 1]
 
         // Zeroed pad embeddings make the padded tail look like the zero padding of the wide
         // convolution, so a sentence's features do not depend on its batch-mates' lengths.
         let e = Tensor::embedding(&self.emb, tokens, -1, false, false); // [B, T, E]
-        let x = (e * real).transpose(1, 2); // [B, E, T]
+        let x = (e * real).transpose(1, 2).to_kind(kind); // [B, E, T]
         let pooled: Vec<Tensor> = self
             .convs
             .iter()
             .map(|(k, conv)| {
-                let h = conv.forward(&x).relu(); // [B, F, T + k - 1]
+                let h = if kind == Kind::Float {
+                    conv.forward(&x)
+                } else {
+                    let bs = conv.bs.as_ref().map(|b| b.to_kind(kind));
+                    x.conv1d(&conv.ws.to_kind(kind), bs, [1], [k - 1], [1], 1)
+                }
+                .relu(); // [B, F, T + k - 1]
                 let positions = Tensor::arange(t + k - 1, (Kind::Int64, tokens.device()));
                 // Output position j covers inputs j-k+1..=j: valid while it touches a real token.
                 let valid = positions
                     .unsqueeze(0)
                     .lt_tensor(&(lengths.unsqueeze(1) + (k - 1))); // [B, T+k-1]
                 h.masked_fill(&valid.logical_not().unsqueeze(1), f64::NEG_INFINITY)
-                    .amax([2].as_slice(), false) // [B, F]
+                    .amax([2].as_slice(), false)
+                    .to_kind(Kind::Float) // [B, F]
             })
             .collect();
         let features = Tensor::cat(&pooled, 1); // [B, F * widths]
@@ -139,6 +158,9 @@ pub struct Decoder {
     emb: nn::Embedding,
     init: nn::Linear,
     lstm: nn::LSTM,
+    /// The LSTM's variables in libtorch's order (per layer: w_ih, w_hh, b_ih, b_hh), for running
+    /// it in another number format: tch keeps its own list private.
+    lstm_weights: Vec<Tensor>,
     /// [V, H] when the projection has its own weights; None when it reuses `emb.ws`.
     out_ws: Option<Tensor>,
     out_bs: Tensor,
@@ -182,6 +204,12 @@ impl Decoder {
             cfg.hidden_dim,
             rnn_cfg,
         );
+        let lstm_weights = (0..cfg.num_layers)
+            .flat_map(|l| {
+                ["weight_ih", "weight_hh", "bias_ih", "bias_hh"].map(|w| format!("{w}_l{l}"))
+            })
+            .filter_map(|name| (&p / "lstm").get(&name))
+            .collect();
         // Same names, order and initialisation as `nn::linear`, so untied models are unchanged.
         let out = &p / "out";
         let bound = 1.0 / (cfg.hidden_dim as f64).sqrt();
@@ -219,6 +247,7 @@ impl Decoder {
             emb,
             init,
             lstm,
+            lstm_weights,
             out_ws,
             out_bs,
             skip,
@@ -259,8 +288,26 @@ impl Decoder {
 
     /// Hidden states for decoder `inputs` [B, T] given z [B, Z]: [B, T, H].
     pub fn hidden(&self, inputs: &Tensor, z: &Tensor, train: bool) -> Tensor {
-        let x = self.embed_with_z(inputs, z, train);
-        let (out, _) = self.lstm.seq_init(&x, &self.init_state(z));
+        self.hidden_as(inputs, z, train, Kind::Float)
+    }
+
+    /// `hidden` with the LSTM run in number format `kind` (float32 or bfloat16: its inputs,
+    /// state and weights cast, the weights per call; the casts are differentiable, so the
+    /// gradients arrive in float32); the hidden states come back in float32.
+    pub fn hidden_as(&self, inputs: &Tensor, z: &Tensor, train: bool, kind: Kind) -> Tensor {
+        let x = self.embed_with_z(inputs, z, train); // [B, T, E + Z]
+        let state = self.init_state(z);
+        let out = if kind == Kind::Float {
+            self.lstm.seq_init(&x, &state).0
+        } else {
+            let nn::LSTMState((h, c)) = state;
+            let ws: Vec<Tensor> = self.lstm_weights.iter().map(|w| w.to_kind(kind)).collect();
+            let hc = [h.to_kind(kind), c.to_kind(kind)];
+            let (out, _, _) =
+                x.to_kind(kind)
+                    .lstm(&hc, &ws, true, self.num_layers, 0.0, train, false, true);
+            out.to_kind(Kind::Float) // [B, T, H]
+        };
         out.dropout(self.out_dropout, train)
     }
 
@@ -424,8 +471,9 @@ pub struct Vae {
     pub encoder: Encoder,
     pub decoder: Decoder,
     pub latent_dim: i64,
-    /// The output layer's number format in `Pass::Train` forward passes (float32 unless
-    /// training sets another); `Pass::Eval` forward passes always take float32.
+    /// The number format of the matrix products (convolutions, LSTM, output layer) in
+    /// `Pass::Train` forward passes (float32 unless training sets another); `Pass::Eval` forward
+    /// passes always take float32.
     pub train_kind: Kind,
 }
 
@@ -469,14 +517,16 @@ impl Vae {
     /// reconstruction from decoder `inputs` (the batch's, or those after word dropout).
     pub fn forward(&self, batch: &Batch, inputs: &Tensor, pass: Pass, z_from: ZFrom) -> VaeOutput {
         let train = pass == Pass::Train;
+        let kind = if train { self.train_kind } else { Kind::Float };
         let targets = &batch.targets;
-        let (mu, logvar) = self.encoder.forward(targets, &batch.lengths, train);
+        let (mu, logvar) = self
+            .encoder
+            .forward_as(targets, &batch.lengths, train, kind);
         let z = match z_from {
             ZFrom::Sample => Self::reparameterize(&mu, &logvar),
             ZFrom::Mean => mu.shallow_clone(),
         };
-        let hidden = self.decoder.hidden(inputs, &z, train);
-        let kind = if train { self.train_kind } else { Kind::Float };
+        let hidden = self.decoder.hidden_as(inputs, &z, train, kind);
         let rec = reconstruction_nll(&self.decoder, &hidden, targets, &batch.real, &z, None, kind);
         VaeOutput { rec, mu, logvar, z }
     }
@@ -601,6 +651,57 @@ mod tests {
         vae.train_kind = Kind::Float;
         let f32_eval = vae.forward(&batch, &batch.inputs, Pass::Eval, ZFrom::Mean);
         assert!(eval.rec.equal(&f32_eval.rec));
+    }
+
+    /// A training pass in bfloat16 (convolutions, LSTM, output layer) scores as float32 does,
+    /// within bfloat16's rounding, and every variable's gradient comes back in float32 pointing
+    /// the same way — the LSTM's (run on weights gathered from the VarStore) and the
+    /// convolutions' included. Two layers, so the gathered weights' order is tested too.
+    #[test]
+    fn a_bf16_training_pass_keeps_the_loss_and_float32_gradients_of_every_variable() {
+        let _rng = crate::seeded(4);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = ModelConfig {
+            vocab_size: 300,
+            num_layers: 2,
+            emb_dropout: 0.0,
+            out_dropout: 0.0,
+            ..tiny()
+        };
+        let mut vae = Vae::new(vs.root(), &cfg);
+        assert_eq!(vae.decoder.lstm_weights.len(), 8);
+        let seqs: Vec<Vec<i64>> = vec![vec![5, 60, 7, 280, 9], vec![12, 13], vec![99; 9]];
+        let rows: Vec<&[i64]> = seqs.iter().map(Vec::as_slice).collect();
+        let batch = Batch::new(&rows, Device::Cpu);
+        let vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        let mut run = |kind: Kind| {
+            vae.train_kind = kind;
+            let out = vae.forward(&batch, &batch.inputs, Pass::Train, ZFrom::Mean);
+            let params: Vec<&Tensor> = vars.iter().map(|(_, t)| t).collect();
+            let grads = Tensor::run_backward(&[out.rec.sum(Kind::Float)], &params, false, true);
+            (out.rec, grads)
+        };
+        let (rec32, grads32) = run(Kind::Float);
+        let (rec16, grads16) = run(Kind::BFloat16);
+        assert_eq!(rec16.kind(), Kind::Float);
+        assert!(
+            rec32.allclose(&rec16, 2e-2, 2e-2, false),
+            "{rec32:?} {rec16:?}"
+        );
+        let mut reached = 0;
+        for (((name, _), g32), g16) in vars.iter().zip(&grads32).zip(&grads16) {
+            if !g32.defined() {
+                continue;
+            }
+            reached += 1;
+            assert_eq!(g16.kind(), Kind::Float, "{name}");
+            let cos = (g32 * g16).sum(Kind::Float) / (g32.norm() * g16.norm() + 1e-12);
+            assert!(cos.double_value(&[]) > 0.99, "{name}: {cos:?}");
+        }
+        assert!(
+            reached >= 8 + 3,
+            "lstm and convolution weights reached: {reached}"
+        );
     }
 
     #[test]

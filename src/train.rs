@@ -393,7 +393,7 @@ impl<'a> Trainer<'a> {
         let preview = self.epoch_batches(self.state.epoch);
         let prep = &self.prep;
         log(&format!(
-            "training {} on {}: {} sentences ({} tokens), validation {} sentences; {} tokenizer, {} tokens; {:.1}M parameters; padding {:.1}% of batch positions; device {}, {} threads, output layer in {} (--precision {})",
+            "training {} on {}: {} sentences ({} tokens), validation {} sentences; {} tokenizer, {} tokens; {:.1}M parameters; padding {:.1}% of batch positions; device {}, {} threads, matrix products in {} (--precision {})",
             self.dir.display(),
             self.req.corpus.display(),
             prep.train.seqs.len(),

@@ -216,7 +216,7 @@ fn precision_sets_the_output_layer_format_of_training_steps() {
         run.ok();
         assert!(
             run.stderr.contains(&format!(
-                "output layer in {precision} (--precision {precision})"
+                "matrix products in {precision} (--precision {precision})"
             )),
             "{}",
             run.stderr
