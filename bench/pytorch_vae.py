@@ -59,9 +59,16 @@ def make_batch(seqs):
     return targets, inputs, lengths
 
 
+def mixed(device, bf16):
+    """--bf16: torch.autocast around the products textvae's --precision bf16 takes in bfloat16
+    (the convolutions, the LSTM, the output layer); the small heads stay float32 as there."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=bf16)
+
+
 class Encoder(nn.Module):
-    def __init__(self, v, e, f, widths, z):
+    def __init__(self, v, e, f, widths, z, bf16=False):
         super().__init__()
+        self.bf16 = bf16
         self.emb = nn.Embedding(v, e)
         self.convs = nn.ModuleList(nn.Conv1d(e, f, k, padding=k - 1) for k in widths)
         self.widths = widths
@@ -74,10 +81,11 @@ class Encoder(nn.Module):
         x = (self.emb(tokens) * real).transpose(1, 2)  # [B, E, T]
         pooled = []
         for k, conv in zip(self.widths, self.convs):
-            h = conv(x).relu()  # [B, F, T + k - 1]
+            with mixed(x.device, self.bf16):
+                h = conv(x).relu()  # [B, F, T + k - 1]
             valid = torch.arange(t + k - 1, device=tokens.device).unsqueeze(0) < (lengths.unsqueeze(1) + k - 1)
             pooled.append(h.masked_fill(~valid.unsqueeze(1), float("-inf")).amax(2))
-        features = torch.cat(pooled, 1)
+        features = torch.cat(pooled, 1).float()
         return self.mu(features), self.logvar(features)
 
 
@@ -100,12 +108,13 @@ class Decoder(nn.Module):
         x = torch.cat([e, z.unsqueeze(1).expand(-1, t, -1)], 2)  # [B, T, E + Z]
         hc = self.init(z).tanh().view(b, 2, self.h).transpose(0, 1).contiguous()
         h0, c0 = hc.chunk(2, 0)
-        out, _ = self.lstm(x, (h0.contiguous(), c0.contiguous()))
+        with mixed(x.device, self.bf16):
+            out, _ = self.lstm(x, (h0.contiguous(), c0.contiguous()))
+        out = out.float()
         out = F.dropout(out, self.dropout, self.training)
         flat = targets.reshape(-1)
         idx = flat.ne(PAD).nonzero().squeeze(1)  # real tokens only, as textvae
-        # --bf16: the output layer under autocast, as textvae's --precision bf16.
-        with torch.autocast(out.device.type, torch.bfloat16, enabled=self.bf16):
+        with mixed(out.device, self.bf16):
             logits = self.out(out.reshape(-1, self.h).index_select(0, idx))
         logits = logits.float()
         nll = F.cross_entropy(logits, flat.index_select(0, idx), reduction="none")
@@ -136,7 +145,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true",
-                    help="the output layer's matrix product in bfloat16 (torch.autocast)")
+                    help="the convolutions, the LSTM and the output layer in bfloat16 "
+                         "(torch.autocast), as textvae's --precision bf16")
     ap.add_argument("--fused-adam", action="store_true",
                     help="torch.optim.Adam(fused=True), the kernel textvae's optimiser runs "
                          "(the default is PyTorch's own default: one op per step of the rule)")
@@ -146,7 +156,7 @@ def main():
     torch.manual_seed(a.seed)
     rng = random.Random(a.seed)
     seqs, v = read_corpus(a.corpus, a.vocab_size, a.max_len)
-    enc = Encoder(v, a.emb_dim, a.conv_filters, [3, 4, 5], a.latent_dim)
+    enc = Encoder(v, a.emb_dim, a.conv_filters, [3, 4, 5], a.latent_dim, a.bf16)
     dec = Decoder(v, a.emb_dim, a.hidden_dim, a.latent_dim, a.tie, a.dropout, a.bf16)
     enc.to(device); dec.to(device)
     params = list(enc.parameters()) + [p for p in dec.parameters()]

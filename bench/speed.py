@@ -14,8 +14,8 @@ that gain is shown apart. Throughput is real tokens
 after the first (textvae's metrics.jsonl; the script's own windows). The model's FLOP/s is
 throughput x training FLOPs per real token (3 x forward: output layer 2HV, LSTM 8H(E+Z+H),
 encoder convolutions 2FE x sum of widths), against the best of three matmul shapes.
---precisions (default f32) lists the output layer's number formats to run, each a row: given to
-both programs (textvae's --precision, the script's --bf16: the output layer under torch.autocast),
+--precisions (default f32) lists the matrix products' number formats to run, each a row: given to
+both programs (textvae's --precision, the script's --bf16: convolutions, LSTM and output layer under torch.autocast),
 with the matmul peak measured in that format too.
 Writes bench/results/speed-STAMP.{json,md}.
 """
