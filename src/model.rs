@@ -118,13 +118,12 @@ impl Encoder {
             .convs
             .iter()
             .map(|(k, conv)| {
-                let h = if kind == Kind::Float {
-                    conv.forward(&x)
-                } else {
-                    let bs = conv.bs.as_ref().map(|b| b.to_kind(kind));
-                    x.conv1d(&conv.ws.to_kind(kind), bs, [1], [k - 1], [1], 1)
-                }
-                .relu(); // [B, F, T + k - 1]
+                // The layer's own forward, written out so its weights can take `kind` (a cast
+                // to the format they already have is no copy).
+                let bs = conv.bs.as_ref().map(|b| b.to_kind(kind));
+                let h = x
+                    .conv1d(&conv.ws.to_kind(kind), bs, [1], [k - 1], [1], 1)
+                    .relu(); // [B, F, T + k - 1]
                 let positions = Tensor::arange(t + k - 1, (Kind::Int64, tokens.device()));
                 // Output position j covers inputs j-k+1..=j: valid while it touches a real token.
                 let valid = positions
@@ -297,6 +296,7 @@ impl Decoder {
     pub fn hidden_as(&self, inputs: &Tensor, z: &Tensor, train: bool, kind: Kind) -> Tensor {
         let x = self.embed_with_z(inputs, z, train); // [B, T, E + Z]
         let state = self.init_state(z);
+        // float32 keeps tch's own layer: on a GPU it holds the weights flattened for cuDNN.
         let out = if kind == Kind::Float {
             self.lstm.seq_init(&x, &state).0
         } else {
