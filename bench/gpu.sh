@@ -70,6 +70,13 @@ ck="$tmp/smoke"
 a="Call me Ishmael."
 b="The sea was calm and the ship sailed on."
 step train "$tv" train "$smoke" --out "$ck" --epochs 1 --batch-size 16 --device $dev
+step train-bf16 "$tv" train "$smoke" --out "$tmp/smoke16" --epochs 1 --batch-size 16 \
+  --precision bf16 --device $dev
+# A learning rate that overflows: each step is skipped on the device, and the run stops with an
+# error once --max-nonfinite of them come in a row.
+step "non-finite steps stop the run" sh -c "'$tv' train '$smoke' --out '$tmp/nf' --epochs 3 \
+  --batch-size 4 --lr 1e30 --max-nonfinite 3 --log-every 1 --device $dev 2>'$tmp/nf.log'
+  test \$? -ne 0 && grep 'steps in a row' '$tmp/nf.log'"
 step generate "$tv" generate --checkpoint "$ck" -n 5 --seed 1 --device $dev
 step generate-beam "$tv" generate --checkpoint "$ck" -n 5 --beam 5 --seed 1 --device $dev
 step reconstruct sh -c "printf '%s\n%s\n' '$a' '$b' | '$tv' reconstruct --checkpoint '$ck' --device $dev"
@@ -87,29 +94,48 @@ say "- eval K=1 on 200 held-out sentences, cpu vs $dev: $(tr -d '\n' <"$tmp/eval
 say ""
 say "## Training throughput on PTB (--preset ptb, real tokens/s, median of 25-step windows, ${seconds} s each)"
 say ""
-say "| batch | textvae | PyTorch (bench/pytorch_vae.py --device $dev) | ratio |"
-say "|---|---|---|---|"
+say "textvae in float32 and with \`--precision bf16\`; bench/pytorch_vae.py --device $dev with"
+say "torch.optim.Adam's default (foreach) step, with \`--fused-adam\`, and with both and \`--bf16\`."
+say "Ratios: textvae f32 / PyTorch fused, textvae bf16 / PyTorch fused bf16."
+say ""
+say "| batch | textvae f32 | textvae bf16 | PyTorch | PyTorch fused | PyTorch fused bf16 | ratio f32 | ratio bf16 |"
+say "|---|---|---|---|---|---|---|---|"
 head -100 "$ptb/ptb.valid.txt" >"$tmp/valid100.txt"
-for bs in $batch_sizes; do
-  out="$tmp/ptb-$bs"
+textvae_speed() { # BATCH PRECISION -> median tokens/s (the model stays in $tmp/ptb-BATCH-PRECISION)
+  local out="$tmp/ptb-$1-$2"
   "$tv" train "$ptb/ptb.train.txt" --valid "$tmp/valid100.txt" --preset ptb --device $dev \
-    --batch-size "$bs" --max-minutes "$(awk "BEGIN { print $seconds / 60 }")" --log-every 25 \
-    --save-every 0 --out "$out"
-  t=$(median_speed "$out/metrics.jsonl" 2>/dev/null || echo n/a)
-  p=$("$py" bench/pytorch_vae.py "$ptb/ptb.train.txt" --seconds "$seconds" --tie \
-    --conv-filters 128 --batch-size "$bs" --device $dev --threads "$(nproc)" |
-    tail -1 | "$py" -c 'import json,sys; print("%.0f" % json.load(sys.stdin)["window_median"])')
-  r=$("$py" -c "print(f'{$t / $p:.2f}')" 2>/dev/null || echo n/a)
-  say "| $bs | $t | $p | $r |"
+    --batch-size "$1" --precision "$2" --max-minutes "$(awk "BEGIN { print $seconds / 60 }")" \
+    --log-every 25 --save-every 0 --out "$out" >&2
+  median_speed "$out/metrics.jsonl" 2>/dev/null || echo n/a
+}
+pytorch_speed() { # BATCH FLAGS... -> median tokens/s
+  local bs=$1
+  shift
+  "$py" bench/pytorch_vae.py "$ptb/ptb.train.txt" --seconds "$seconds" --tie --conv-filters 128 \
+    --batch-size "$bs" --device $dev --threads "$(nproc)" "$@" |
+    tail -1 | "$py" -c 'import json,sys; print("%.0f" % json.load(sys.stdin)["window_median"])' ||
+    echo n/a
+}
+ratio() { "$py" -c "print(f'{$1 / $2:.2f}')" 2>/dev/null || echo n/a; }
+for bs in $batch_sizes; do
+  t32=$(textvae_speed "$bs" f32)
+  t16=$(textvae_speed "$bs" bf16)
+  p=$(pytorch_speed "$bs")
+  pf=$(pytorch_speed "$bs" --fused-adam)
+  pf16=$(pytorch_speed "$bs" --fused-adam --bf16)
+  say "| $bs | $t32 | $t16 | $p | $pf | $pf16 | $(ratio "$t32" "$pf") | $(ratio "$t16" "$pf16") |"
 done
 
 say ""
 say "## Evaluation and generation (the batch-128 model above)"
-ck="$tmp/ptb-128"
-[ -d "$ck" ] || ck="$tmp/ptb-$(echo $batch_sizes | cut -d' ' -f1)"
-step "eval K=$eval_k, PTB test (3,761 sentences)" sh -c "timeout 240 '$tv' eval --checkpoint '$ck' \
-  '$ptb/ptb.test.txt' --iw-samples $eval_k --device $dev --json >'$tmp/eval500.json'"
-say "  $(tr -d '\n' <"$tmp/eval500.json" | head -c 400)"
+ck="$tmp/ptb-128-f32"
+[ -d "$ck" ] || ck="$tmp/ptb-$(echo $batch_sizes | cut -d' ' -f1)-f32"
+for prec in f32 bf16; do
+  step "eval K=$eval_k --precision $prec, PTB test (3,761 sentences)" sh -c "timeout 240 '$tv' eval \
+    --checkpoint '$ck' '$ptb/ptb.test.txt' --iw-samples $eval_k --precision $prec --device $dev \
+    --json >'$tmp/eval-$prec.json'"
+  say "  $(tr -d '\n' <"$tmp/eval-$prec.json" | head -c 400)"
+done
 step "generate -n 1000" sh -c "'$tv' generate --checkpoint '$ck' -n 1000 --seed 1 --device $dev >'$tmp/gen.txt'"
 step "generate -n 1000 --beam 5" sh -c "'$tv' generate --checkpoint '$ck' -n 1000 --beam 5 --seed 1 --device $dev >'$tmp/beam.txt'"
 say ""

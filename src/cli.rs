@@ -246,11 +246,11 @@ pub struct TrainArgs {
     #[arg(long, value_name = "MINUTES")]
     pub save_every: Option<f64>,
     /// The number format of the matrix products in training steps (the encoder's convolutions,
-    /// the LSTM, the output layer): bf16 multiplies in bfloat16 with float32 weights, optimiser,
-    /// softmax and loss (mixed precision); auto takes bf16 on CPUs that multiply it natively
-    /// (AVX512-BF16: about 1.7x the tokens/s on PTB, the same validation ELBO per step) and f32
-    /// elsewhere, GPUs included; validation always runs in f32 (`eval --precision` is eval's
-    /// own) [default: auto].
+    /// the LSTM except on a GPU, the output layer): bf16 multiplies in bfloat16 with float32
+    /// weights, optimiser, softmax and loss (mixed precision); auto takes bf16 on CPUs that
+    /// multiply it natively (AVX512-BF16: about 1.7x the tokens/s on PTB, the same validation
+    /// ELBO per step) and f32 elsewhere, GPUs included; validation always runs in f32 (`eval
+    /// --precision` is eval's own) [default: auto].
     #[arg(long, value_enum)]
     pub precision: Option<Precision>,
     /// auto, cpu, cuda or cuda:N.
@@ -603,8 +603,8 @@ pub struct EvalArgs {
     /// iw_precision, rec_acc, rec_exact, rec_bleu.
     #[arg(long)]
     pub json: bool,
-    /// The number format of the LSTM and the output layer in the NLL's importance samples, most
-    /// of eval's time: auto takes bf16 on CPUs that multiply it natively, as `train
+    /// The number format of the LSTM (on a GPU always f32) and the output layer in the NLL's
+    /// importance samples, most of eval's time: auto takes bf16 on CPUs that multiply it natively, as `train
     /// --precision` (on PTB, K = 50 over 300 test sentences: the NLL within the run-to-run
     /// spread of f32's, the samples over 2x as fast); the ELBO, KL, MI and reconstructions are
     /// computed in f32 whichever.

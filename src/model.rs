@@ -292,12 +292,16 @@ impl Decoder {
 
     /// `hidden` with the LSTM run in number format `kind` (float32 or bfloat16: its inputs,
     /// state and weights cast, the weights per call; the casts are differentiable, so the
-    /// gradients arrive in float32); the hidden states come back in float32.
+    /// gradients arrive in float32); the hidden states come back in float32. On a GPU the LSTM
+    /// stays in float32 whatever `kind` is.
     pub fn hidden_as(&self, inputs: &Tensor, z: &Tensor, train: bool, kind: Kind) -> Tensor {
         let x = self.embed_with_z(inputs, z, train); // [B, T, E + Z]
         let state = self.init_state(z);
-        // float32 keeps tch's own layer: on a GPU it holds the weights flattened for cuDNN.
-        let out = if kind == Kind::Float {
+        // float32 keeps tch's own layer, which on a GPU holds the weights flattened into the one
+        // buffer cuDNN wants. Weights cast per call are separate tensors: cuDNN then warns and
+        // compacts them on every call, and on an H100 (bench/results/gpu-20261126T1722Z.md)
+        // bf16 training with that was 12% slower than float32 at batch 128 and level at 512.
+        let out = if kind == Kind::Float || x.device().is_cuda() {
             self.lstm.seq_init(&x, &state).0
         } else {
             let nn::LSTMState((h, c)) = state;
