@@ -483,17 +483,22 @@ impl<'a> Trainer<'a> {
             "{skipped} of the steps up to step {} skipped: loss or gradient not finite",
             self.state.step
         ));
-        let kept = if self.dir.join(ckpt::LAST_WEIGHTS).is_file() {
-            format!("the last checkpoint in {} is kept", self.dir.display())
-        } else {
-            "no epoch had finished, so nothing was saved".to_string()
-        };
         ensure!(
             diverged_at == 0,
-            "training diverged: {} steps in a row up to step {diverged_at} had a non-finite loss or gradient (lower --lr?); {kept}",
-            self.cfg.max_nonfinite
+            "training diverged: {} steps in a row up to step {diverged_at} had a non-finite loss or gradient (lower --lr?); {}",
+            self.cfg.max_nonfinite,
+            self.what_is_kept()
         );
         Ok(())
+    }
+
+    /// What a run stopped by divergence leaves behind, in words.
+    fn what_is_kept(&self) -> String {
+        if self.dir.join(ckpt::LAST_WEIGHTS).is_file() {
+            format!("the last checkpoint in {} is kept", self.dir.display())
+        } else {
+            "no checkpoint had been saved yet".to_string()
+        }
     }
 
     /// One optimiser step on the batch of sentences `idx`; returns the step's beta.
@@ -591,6 +596,18 @@ impl<'a> Trainer<'a> {
         }
         let cfg = &self.cfg;
         let v = validate(&self.vae, &self.prep.valid.seqs, cfg, self.req.device)?;
+        // Steps with a non-finite loss are skipped, so this is weights grown past float32's
+        // range: training on from them only wastes the budget, and saving them loses the last
+        // good resume point.
+        ensure!(
+            v.stats.neg_elbo.is_finite() && v.criterion.is_finite(),
+            "training diverged: after step {} the validation ELBO is not finite (rec {}, KL {}): \
+             the weights overflowed (lower --lr?); {}",
+            self.state.step,
+            v.stats.rec,
+            v.stats.kl,
+            self.what_is_kept()
+        );
         let settled = cfg.settled_at().is_some_and(|s| self.state.step >= s);
         let state = &mut self.state;
         let improved =
@@ -1168,8 +1185,13 @@ impl Window {
         Ok((skipped, v[5].round() as u64))
     }
 
+    /// The mean of sum `x` over the steps counted; NaN (null in metrics.jsonl) when every step
+    /// of the window was skipped, rather than a loss of 0 that no step had.
     fn mean(&self, x: f64) -> f64 {
-        x / (self.steps as u64).saturating_sub(self.skipped).max(1) as f64
+        match (self.steps as u64).saturating_sub(self.skipped) {
+            0 => f64::NAN,
+            counted => x / counted as f64,
+        }
     }
 
     fn tokens_per_sec(&self) -> f64 {
@@ -1229,6 +1251,23 @@ impl SkipRun {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_of_skipped_steps_has_no_mean_loss() {
+        let mut skips = SkipRun::new(Device::Cpu);
+        let mut window = Window::new(Device::Cpu);
+        let one = tch::Tensor::ones([1], (Kind::Float, Device::Cpu));
+        let nan = &one * f64::NAN;
+        window.add(&[&nan, &nan, &nan], &one, 10);
+        skips.add(&one, 1, 3);
+        assert_eq!(window.drain(&skips).unwrap(), (1, 0));
+        assert!(window.message(1.0).starts_with("loss NaN rec NaN kl NaN"));
+        assert!(window.record(1, 1, 1.0, 1e-3)["loss"].is_null());
+        let two = tch::Tensor::from_slice(&[2.0f32]);
+        window.add(&[&two, &two, &two], &(&one * 0.0), 10);
+        window.drain(&skips).unwrap();
+        assert_eq!(window.record(2, 1, 1.0, 1e-3)["loss"], 2.0);
+    }
 
     #[test]
     fn log_numbers_stay_readable() {

@@ -378,6 +378,12 @@ fn bad_inputs_fail_cleanly() {
 
     // A real checkpoint, then broken copies of it.
     train_tiny(d, &["--epochs", "1", "--out", "good"]).ok();
+    // Weights pushed past float32's range stop the run at the validation after them, saving
+    // nothing from them.
+    train_tiny(d, &["--epochs", "2", "--lr", "1e30", "--out", "overflow"])
+        .fails_with("the validation ELBO is not finite");
+    assert!(!d.join("overflow").join("model.safetensors").exists());
+    assert!(!d.join("overflow").join("last.safetensors").exists());
     textvae(d, &["generate", "--temperature", "-1"]).fails_with("--temperature must be >= 0");
     textvae(d, &["generate", "--max-len", "0"]).fails_with("--max-len must be positive");
 
