@@ -604,10 +604,10 @@ pub struct EvalArgs {
     #[arg(long)]
     pub json: bool,
     /// The number format of the LSTM (on a GPU always f32) and the output layer in the NLL's
-    /// importance samples, most of eval's time: auto takes bf16 on CPUs that multiply it natively, as `train
-    /// --precision` (on PTB, K = 50 over 300 test sentences: the NLL within the run-to-run
-    /// spread of f32's, the samples over 2x as fast); the ELBO, KL, MI and reconstructions are
-    /// computed in f32 whichever.
+    /// importance samples, most of eval's time: auto takes bf16 on CPUs that multiply it
+    /// natively, as `train --precision` (on PTB, K = 50 over 300 test sentences: the NLL within
+    /// the run-to-run spread of f32's, the samples over 2x as fast); the ELBO, KL, MI and
+    /// reconstructions are computed in f32 whichever.
     #[arg(long, value_enum, default_value_t = Precision::Auto)]
     pub precision: Precision,
     /// Never repeat an n-gram of this size in the greedy reconstructions (0 = off), as
