@@ -610,8 +610,8 @@ impl<'a> Trainer<'a> {
         );
         let settled = cfg.settled_at().is_some_and(|s| self.state.step >= s);
         let state = &mut self.state;
-        let improved =
-            v.criterion.is_finite() && state.best_valid.is_none_or(|b| v.criterion < b - 1e-4);
+        // The criterion is finite here: a run whose validation is not stops above.
+        let improved = state.best_valid.is_none_or(|b| v.criterion < b - 1e-4);
         if improved {
             state.best_valid = Some(v.criterion);
             state.bad_epochs = 0;
