@@ -2,7 +2,7 @@
 //! that tune the model or training are `Option`s laid over the config structs' defaults, so the
 //! defaults live in one place (`config.rs`).
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -735,11 +735,7 @@ fn read_inputs(path: Option<&Path>) -> Result<Corpus> {
     match path {
         Some(p) if p != Path::new("-") => data::read_corpus(p),
         _ => {
-            let mut bytes = Vec::new();
-            std::io::stdin()
-                .read_to_end(&mut bytes)
-                .context("reading standard input")?;
-            let corpus = data::parse_corpus(&bytes).context("standard input")?;
+            let corpus = data::parse_corpus(std::io::stdin().lock()).context("standard input")?;
             anyhow::ensure!(!corpus.lines.is_empty(), "no sentences on standard input");
             Ok(corpus)
         }
@@ -747,7 +743,7 @@ fn read_inputs(path: Option<&Path>) -> Result<Corpus> {
 }
 
 /// Encodes input sentences with the model's tokenizer, printing the warnings on stderr.
-fn encode_inputs(model: &checkpoint::Loaded, corpus: &Corpus) -> Result<Vec<Vec<i64>>> {
+fn encode_inputs(model: &checkpoint::Loaded, corpus: &Corpus) -> Result<data::Sentences> {
     let inputs = latent::prepare_inputs(&model.tokenizer, corpus, model.config.train.max_len)?;
     for w in &inputs.warnings {
         eprintln!("warning: {w}");
@@ -799,7 +795,7 @@ fn run_reconstruct(a: ReconstructArgs) -> Result<()> {
                 writeln!(out, "{}\t{}", line.replace('\t', " "), t)?;
             }
         }
-        pairs.extend(outs.iter().map(|o| (seqs[i].as_slice(), o.as_slice())));
+        pairs.extend(outs.iter().map(|o| (seqs.get(i), o.as_slice())));
     }
     if a.score {
         let s = latent::score(&pairs);
@@ -996,14 +992,11 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     let mut seqs = encode_inputs(&model, &corpus)?;
     if let Some(n) = a.sentences {
         anyhow::ensure!(n >= 1, "--sentences must be at least 1");
-        seqs = data::evenly_spaced(seqs.len(), n)
-            .into_iter()
-            .map(|i| std::mem::take(&mut seqs[i]))
-            .collect();
+        seqs = seqs.select(data::evenly_spaced(seqs.len(), n));
     }
     let bar = if std::io::stderr().is_terminal() {
         // Tokens, not sentences: batches run shortest first.
-        let tokens: usize = seqs.iter().map(|s| s.len() + 1).sum();
+        let tokens = seqs.total_tokens();
         let bar = indicatif::ProgressBar::new(tokens as u64);
         bar.set_style(
             indicatif::ProgressStyle::with_template(

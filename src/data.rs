@@ -4,6 +4,7 @@
 //! an error naming the line; sentences longer than `max_len` tokens are skipped and counted
 //! (truncating them would teach the decoder to end sentences mid-clause).
 
+use std::io::BufRead;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -29,9 +30,10 @@ pub fn read_corpus(path: &Path) -> Result<Corpus> {
         "corpus {} is a directory, not a file of sentences",
         path.display()
     );
-    let bytes =
-        std::fs::read(path).with_context(|| format!("reading corpus {}", path.display()))?;
-    let corpus = parse_corpus(&bytes).with_context(|| format!("corpus {}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("opening corpus {}", path.display()))?;
+    let corpus = parse_corpus(std::io::BufReader::with_capacity(1 << 20, file))
+        .with_context(|| format!("corpus {}", path.display()))?;
     ensure!(
         !corpus.lines.is_empty(),
         "corpus {} has no sentences (empty or only blank lines)",
@@ -40,26 +42,26 @@ pub fn read_corpus(path: &Path) -> Result<Corpus> {
     Ok(corpus)
 }
 
-/// Splits raw bytes into sentences; fails on the first line that is not UTF-8.
-pub fn parse_corpus(bytes: &[u8]) -> Result<Corpus> {
+/// Reads sentences line by line (never the whole file at once: a large corpus is held once, as
+/// its sentences); fails on the first line that is not UTF-8.
+pub fn parse_corpus(reader: impl BufRead) -> Result<Corpus> {
     let mut corpus = Corpus::default();
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+    for (i, raw) in reader.split(b'\n').enumerate() {
+        let raw = raw.with_context(|| format!("reading line {}", i + 1))?;
+        let raw = match i {
+            0 => raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&raw),
+            _ => &raw,
+        };
         let line = match std::str::from_utf8(raw) {
-            Ok(l) => l,
+            Ok(l) => l.trim(),
             Err(e) => bail!("line {} is not valid UTF-8 ({e})", i + 1),
         };
-        let line = line.trim();
         if line.is_empty() {
             corpus.blank_skipped += 1;
             continue;
         }
         corpus.lines.push(line.to_string());
         corpus.line_numbers.push(i + 1);
-    }
-    // The final newline leaves one empty piece that is not a blank line of the file.
-    if bytes.ends_with(b"\n") {
-        corpus.blank_skipped -= 1;
     }
     Ok(corpus)
 }
@@ -93,18 +95,76 @@ pub fn split_valid(lines: Vec<String>, share: f64, seed: u64) -> (Vec<String>, V
     (train, valid)
 }
 
-/// Tokenized sentences (without `<s>`/`</s>`) and what was skipped.
-#[derive(Debug, Default)]
-pub struct Encoded {
-    pub seqs: Vec<Vec<i64>>,
-    pub skipped_long: usize,
-    pub skipped_empty: usize,
+/// Token ids of many sentences (without `<s>`/`</s>`) in one buffer, as the tokenizer gives
+/// them (u32), with where each sentence ends: a corpus is held once, in half the bytes of i64
+/// ids and without an allocation per sentence. Ids become i64 only in a batch's tensors.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sentences {
+    ids: Vec<u32>,
+    ends: Vec<usize>,
 }
 
-impl Encoded {
-    pub fn total_tokens(&self) -> usize {
-        self.seqs.iter().map(|s| s.len() + 1).sum()
+impl Sentences {
+    pub fn push(&mut self, ids: &[u32]) {
+        self.ids.extend_from_slice(ids);
+        self.ends.push(self.ids.len());
     }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Sentence `i`'s ids; panics past the end, as slice indexing does.
+    pub fn get(&self, i: usize) -> &[u32] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.ids[start..self.ends[i]]
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &[u32]> + '_ {
+        (0..self.len()).map(|i| self.get(i))
+    }
+
+    /// Tokens of each sentence, `</s>` not counted.
+    pub fn lengths(&self) -> Vec<usize> {
+        self.iter().map(<[u32]>::len).collect()
+    }
+
+    /// Tokens the decoder predicts: every sentence's, and its `</s>`.
+    pub fn total_tokens(&self) -> usize {
+        self.ids.len() + self.len()
+    }
+
+    /// The sentences at `idx`, in that order, as a new set.
+    pub fn select(&self, idx: impl IntoIterator<Item = usize>) -> Sentences {
+        idx.into_iter().map(|i| self.get(i)).collect()
+    }
+
+    /// The first `n` sentences (all of them when there are fewer).
+    pub fn first(&self, n: usize) -> Sentences {
+        self.select(0..n.min(self.len()))
+    }
+}
+
+impl<'a> FromIterator<&'a [u32]> for Sentences {
+    fn from_iter<I: IntoIterator<Item = &'a [u32]>>(iter: I) -> Self {
+        let mut out = Sentences::default();
+        for s in iter {
+            out.push(s);
+        }
+        out
+    }
+}
+
+/// Tokenized sentences and what was skipped.
+#[derive(Debug, Default)]
+pub struct Encoded {
+    pub seqs: Sentences,
+    pub skipped_long: usize,
+    pub skipped_empty: usize,
 }
 
 /// Lines encoded at once: enough to keep every core busy, few enough that the tokenizer's full
@@ -120,7 +180,7 @@ pub fn encode_lines(tok: &TextTokenizer, lines: &[String], max_len: usize) -> Re
             } else if ids.len() > max_len {
                 out.skipped_long += 1;
             } else {
-                out.seqs.push(ids);
+                out.seqs.push(&ids);
             }
         }
     }
@@ -170,7 +230,7 @@ impl RealTokens {
 }
 
 impl Batch {
-    pub fn new(seqs: &[&[i64]], device: Device) -> Batch {
+    pub fn new(seqs: &[&[u32]], device: Device) -> Batch {
         let t = seqs.iter().map(|s| s.len() + 1).max().unwrap_or(1);
         let b = seqs.len();
         let mut targets = vec![PAD; b * t];
@@ -180,6 +240,7 @@ impl Batch {
             let row = i * t;
             inputs[row] = BOS;
             for (j, &id) in s.iter().enumerate() {
+                let id = i64::from(id);
                 targets[row + j] = id;
                 inputs[row + j + 1] = id;
             }
@@ -257,18 +318,18 @@ pub fn padding_share(lengths: &[usize], batches: &[Vec<usize>]) -> f64 {
 /// Batches for evaluation and encoding: sentences grouped by length (little padding), each batch
 /// with the indices of its sentences in `seqs`, so callers can put results back in input order.
 pub fn sorted_batches<'a>(
-    seqs: &'a [Vec<i64>],
+    seqs: &'a Sentences,
     batch_size: usize,
     device: Device,
 ) -> impl Iterator<Item = (Vec<usize>, Batch)> + 'a {
     let mut order: Vec<usize> = (0..seqs.len()).collect();
-    order.sort_by_key(|&i| seqs[i].len());
+    order.sort_by_key(|&i| seqs.get(i).len());
     let chunks: Vec<Vec<usize>> = order
         .chunks(batch_size.max(1))
         .map(|c| c.to_vec())
         .collect();
     chunks.into_iter().map(move |idx| {
-        let rows: Vec<&[i64]> = idx.iter().map(|&i| seqs[i].as_slice()).collect();
+        let rows: Vec<&[u32]> = idx.iter().map(|&i| seqs.get(i)).collect();
         let batch = Batch::new(&rows, device);
         (idx, batch)
     })
@@ -280,11 +341,19 @@ mod tests {
 
     #[test]
     fn parse_skips_blank_lines_and_names_bad_utf8() {
-        let c = parse_corpus(b"a b\n\n  \nc d\n").unwrap();
+        let c = parse_corpus(&b"\xEF\xBB\xBFa b\n\n  \nc d\n"[..]).unwrap();
         assert_eq!(c.lines, vec!["a b", "c d"]);
         assert_eq!(c.line_numbers, vec![1, 4]);
         assert_eq!(c.blank_skipped, 2);
-        let err = parse_corpus(b"ok\nstill ok\nbad \xff byte\n").unwrap_err();
+        // No final newline, CRLF endings, a blank last line.
+        let c = parse_corpus(&b"x\r\n\r\ny z"[..]).unwrap();
+        assert_eq!(
+            (c.lines, c.blank_skipped),
+            (vec!["x".into(), "y z".into()], 1)
+        );
+        let c = parse_corpus(&b"x\n\n"[..]).unwrap();
+        assert_eq!((c.lines.len(), c.blank_skipped), (1, 1));
+        let err = parse_corpus(&b"ok\nstill ok\nbad \xff byte\n"[..]).unwrap_err();
         assert!(err.to_string().contains("line 3"), "{err}");
     }
 
@@ -313,8 +382,8 @@ mod tests {
 
     #[test]
     fn batch_layout_shifts_inputs_behind_bos() {
-        let a: &[i64] = &[10, 11, 12];
-        let b: &[i64] = &[20];
+        let a: &[u32] = &[10, 11, 12];
+        let b: &[u32] = &[20];
         let batch = Batch::new(&[a, b], Device::Cpu);
         let targets: Vec<i64> = Vec::try_from(batch.targets.view([-1])).unwrap();
         let inputs: Vec<i64> = Vec::try_from(batch.inputs.view([-1])).unwrap();
@@ -341,6 +410,26 @@ mod tests {
             v
         };
         assert_eq!(pairs(&moved), pairs(&found));
+    }
+
+    #[test]
+    fn sentences_are_held_in_one_buffer_and_come_back_whole() {
+        let rows: [&[u32]; 4] = [&[4, 5, 6], &[7], &[], &[8, 9]];
+        let s: Sentences = rows.iter().copied().collect();
+        assert_eq!(s.len(), 4);
+        assert!(s.iter().eq(rows.iter().copied()));
+        assert_eq!(s.lengths(), vec![3, 1, 0, 2]);
+        assert_eq!(s.total_tokens(), 6 + 4);
+        assert_eq!(
+            s.select([3, 0]).iter().collect::<Vec<_>>(),
+            vec![rows[3], rows[0]]
+        );
+        assert_eq!(
+            s.first(2).iter().collect::<Vec<_>>(),
+            vec![rows[0], rows[1]]
+        );
+        assert_eq!(s.first(9), s);
+        assert!(Sentences::default().is_empty());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use anyhow::Result;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::data::{evenly_spaced, sorted_batches, Batch};
+use crate::data::{evenly_spaced, sorted_batches, Batch, Sentences};
 use crate::latent::reconstruction_score;
 use crate::loss::kl_per_dim;
 use crate::model::{reconstruction_nll, Pass, Vae, ZFrom};
@@ -46,7 +46,7 @@ pub struct ElboStats {
 /// stay on the device until the last batch: one wait for it, not one per batch.
 pub fn evaluate_elbo(
     vae: &Vae,
-    seqs: &[Vec<i64>],
+    seqs: &Sentences,
     batch_size: usize,
     device: Device,
 ) -> Result<ElboStats> {
@@ -175,7 +175,7 @@ pub fn iw_log_likelihood(
 }
 
 /// Mean importance-weighted NLL per sentence of `seqs` (nats), K samples each, under no-grad.
-pub fn iw_nll(vae: &Vae, seqs: &[Vec<i64>], k: usize, batch_size: usize, device: Device) -> f64 {
+pub fn iw_nll(vae: &Vae, seqs: &Sentences, k: usize, batch_size: usize, device: Device) -> f64 {
     let mut nll = Tensor::zeros([], (Kind::Double, device));
     tch::no_grad(|| {
         for (_, batch) in sorted_batches(seqs, batch_size, device) {
@@ -295,7 +295,7 @@ pub struct EvalOptions {
 /// `progress` is called with the number of tokens (`</s>` counted) whose K samples are done.
 pub fn evaluate(
     vae: &Vae,
-    seqs: &[Vec<i64>],
+    seqs: &Sentences,
     opts: &EvalOptions,
     device: Device,
     mut progress: impl FnMut(usize),

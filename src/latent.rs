@@ -6,7 +6,7 @@
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::data::{sorted_batches, Corpus};
+use crate::data::{sorted_batches, Corpus, Sentences};
 use crate::model::Vae;
 use crate::sample::{decode_ids, Decoding};
 use crate::tokenizer::{TextTokenizer, EOS, UNK};
@@ -116,7 +116,7 @@ pub fn spread_over_sentences(texts: &[String], shown: usize) -> Vec<String> {
 }
 
 /// Posterior means and log-variances of `seqs`, in input order: ([N, Z], [N, Z]) on the CPU.
-pub fn encode(vae: &Vae, seqs: &[Vec<i64>], batch_size: usize, device: Device) -> (Tensor, Tensor) {
+pub fn encode(vae: &Vae, seqs: &Sentences, batch_size: usize, device: Device) -> (Tensor, Tensor) {
     tch::no_grad(|| {
         let n = seqs.len() as i64;
         let mut mu = Tensor::zeros([n, vae.latent_dim], (Kind::Float, Device::Cpu));
@@ -133,7 +133,7 @@ pub fn encode(vae: &Vae, seqs: &[Vec<i64>], batch_size: usize, device: Device) -
 
 /// Sentences tokenized for encoding, and the warnings about them a user should see.
 pub struct Inputs {
-    pub seqs: Vec<Vec<i64>>,
+    pub seqs: Sentences,
     pub warnings: Vec<String>,
 }
 
@@ -142,17 +142,17 @@ pub struct Inputs {
 /// `<unk>`s), and one longer than the model's training `max_len` is encoded in full (the
 /// convolutional encoder takes any length); both are reported, by line number.
 pub fn prepare_inputs(tok: &TextTokenizer, corpus: &Corpus, max_len: usize) -> Result<Inputs> {
-    let mut seqs = Vec::with_capacity(corpus.lines.len());
+    let mut seqs = Sentences::default();
     let (mut unknown, mut long) = (Vec::new(), Vec::new());
     for (line, &number) in corpus.lines.iter().zip(&corpus.line_numbers) {
         let ids = tok.encode(line)?;
-        if ids.iter().all(|&i| i == UNK) {
+        if ids.iter().all(|&i| i64::from(i) == UNK) {
             unknown.push(number);
         }
         if ids.len() > max_len {
             long.push(number);
         }
-        seqs.push(ids);
+        seqs.push(&ids);
     }
     let mut warnings = Vec::new();
     if corpus.blank_skipped > 0 {
@@ -198,11 +198,21 @@ pub struct Score {
     pub bleu: f64,
 }
 
-pub fn score(pairs: &[(&[i64], &[i64])]) -> Score {
+/// Ids of either kind (a corpus's u32, a decoding's i64) as i64, to compare.
+fn wide<T: Copy + Into<i64>>(s: &[T]) -> impl Iterator<Item = i64> + '_ {
+    s.iter().map(|&i| i.into())
+}
+
+/// Scores (input, reconstruction) pairs of token ids.
+pub fn score<A, B>(pairs: &[(&[A], &[B])]) -> Score
+where
+    A: Copy + Into<i64>,
+    B: Copy + Into<i64>,
+{
     let (mut right, mut total, mut exact) = (0usize, 0usize, 0usize);
     for (input, output) in pairs {
-        let with_eos = |s: &[i64]| s.iter().copied().chain([EOS]).collect::<Vec<_>>();
-        let (x, y) = (with_eos(input), with_eos(output));
+        let x: Vec<i64> = wide(input).chain([EOS]).collect();
+        let y: Vec<i64> = wide(output).chain([EOS]).collect();
         right += x.iter().zip(&y).filter(|(a, b)| a == b).count();
         total += x.len();
         exact += usize::from(x == y);
@@ -225,11 +235,17 @@ pub fn score(pairs: &[(&[i64], &[i64])]) -> Score {
 /// corpus, their geometric mean, times the brevity penalty exp(1 - r / c) when the hypotheses
 /// are shorter in total. 0-100; 0 when some order has no match (no smoothing, as sacrebleu's
 /// default corpus score).
-pub fn corpus_bleu(pairs: &[(&[i64], &[i64])], max_n: usize) -> f64 {
+pub fn corpus_bleu<A, B>(pairs: &[(&[A], &[B])], max_n: usize) -> f64
+where
+    A: Copy + Into<i64>,
+    B: Copy + Into<i64>,
+{
     use std::collections::HashMap;
     let (mut matches, mut counts) = (vec![0usize; max_n], vec![0usize; max_n]);
     let (mut ref_len, mut hyp_len) = (0usize, 0usize);
     for (reference, hypothesis) in pairs {
+        let (reference, hypothesis): (Vec<i64>, Vec<i64>) =
+            (wide(reference).collect(), wide(hypothesis).collect());
         ref_len += reference.len();
         hyp_len += hypothesis.len();
         for n in 1..=max_n {
@@ -240,8 +256,8 @@ pub fn corpus_bleu(pairs: &[(&[i64], &[i64])], max_n: usize) -> f64 {
                 }
                 m
             };
-            let r = grams(reference);
-            for (g, c) in grams(hypothesis) {
+            let r = grams(&reference);
+            for (g, c) in grams(&hypothesis) {
                 matches[n - 1] += c.min(r.get(&g).copied().unwrap_or(0));
                 counts[n - 1] += c;
             }
@@ -268,17 +284,17 @@ pub fn corpus_bleu(pairs: &[(&[i64], &[i64])], max_n: usize) -> f64 {
 /// with `decoding` in chunks of `batch_size`) and scores the result against them.
 pub fn reconstruction_score(
     vae: &Vae,
-    seqs: &[Vec<i64>],
+    seqs: &Sentences,
     decoding: &Decoding,
     batch_size: usize,
     device: Device,
 ) -> Result<Score> {
     let (mu, _) = encode(vae, seqs, batch_size, device);
     let outputs = decode_ids(vae, &mu.to_device(device), decoding, batch_size)?;
-    let pairs: Vec<(&[i64], &[i64])> = seqs
+    let pairs: Vec<(&[u32], &[i64])> = seqs
         .iter()
         .zip(&outputs)
-        .map(|(x, y)| (x.as_slice(), y.as_slice()))
+        .map(|(x, y)| (x, y.as_slice()))
         .collect();
     Ok(score(&pairs))
 }
@@ -355,7 +371,7 @@ mod tests {
         assert_eq!(s.sentences, 3);
         assert!((s.token_accuracy - 9.0 / 12.0).abs() < 1e-12);
         assert!((s.exact_match - 1.0 / 3.0).abs() < 1e-12);
-        assert_eq!(score(&[]).token_accuracy, 0.0);
+        assert_eq!(score::<i64, i64>(&[]).token_accuracy, 0.0);
     }
 
     #[test]

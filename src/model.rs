@@ -618,8 +618,8 @@ mod tests {
                 ..tiny()
             },
         );
-        let seqs: Vec<Vec<i64>> = vec![vec![5, 60, 7, 280, 9], vec![12, 13], vec![99; 9]];
-        let rows: Vec<&[i64]> = seqs.iter().map(Vec::as_slice).collect();
+        let seqs: Vec<Vec<u32>> = vec![vec![5, 60, 7, 280, 9], vec![12, 13], vec![99; 9]];
+        let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         let batch = Batch::new(&rows, Device::Cpu);
         let z = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
         let hidden = vae.decoder.hidden(&batch.inputs, &z, false);
@@ -674,8 +674,8 @@ mod tests {
         };
         let mut vae = Vae::new(vs.root(), &cfg);
         assert_eq!(vae.decoder.lstm_weights.len(), 8);
-        let seqs: Vec<Vec<i64>> = vec![vec![5, 60, 7, 280, 9], vec![12, 13], vec![99; 9]];
-        let rows: Vec<&[i64]> = seqs.iter().map(Vec::as_slice).collect();
+        let seqs: Vec<Vec<u32>> = vec![vec![5, 60, 7, 280, 9], vec![12, 13], vec![99; 9]];
+        let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         let batch = Batch::new(&rows, Device::Cpu);
         let vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         let mut run = |kind: Kind| {
@@ -720,13 +720,13 @@ mod tests {
                 ..tiny()
             },
         );
-        let seqs: Vec<Vec<i64>> = vec![
+        let seqs: Vec<Vec<u32>> = vec![
             vec![5, 6, 7, 8, 9, 10, 11],
             vec![12],
             vec![13, 14, 15],
             vec![7, 7],
         ];
-        let rows: Vec<&[i64]> = seqs.iter().map(Vec::as_slice).collect();
+        let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         let batch = Batch::new(&rows, Device::Cpu);
         // z = mu and dropout off: everything is deterministic.
         let together = vae.forward(&batch, &batch.inputs, Pass::Eval, ZFrom::Mean);

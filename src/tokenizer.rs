@@ -199,23 +199,20 @@ impl TextTokenizer {
     }
 
     /// Token ids of `text`, without `<s>`/`</s>`.
-    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
             .encode(text, false)
             .map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
-        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+        Ok(enc.get_ids().to_vec())
     }
 
     /// Token ids of each of `texts`, encoded in parallel (the tokenizers crate's batch encoding
     /// on its thread pool). An error names the first text that fails.
-    pub fn encode_many(&self, texts: &[String]) -> Result<Vec<Vec<i64>>> {
+    pub fn encode_many(&self, texts: &[String]) -> Result<Vec<Vec<u32>>> {
         let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
         match self.inner.encode_batch(inputs, false) {
-            Ok(encodings) => Ok(encodings
-                .iter()
-                .map(|e| e.get_ids().iter().map(|&i| i as i64).collect())
-                .collect()),
+            Ok(encodings) => Ok(encodings.iter().map(|e| e.get_ids().to_vec()).collect()),
             // Rare (the tokenizers textvae builds accept any text): find which one, and why.
             Err(_) => texts.iter().map(|t| self.encode(t)).collect(),
         }
@@ -223,12 +220,13 @@ impl TextTokenizer {
 
     /// Text of a generated sequence: stops at the first `</s>`, drops `<pad>` and `<s>`, keeps
     /// `<unk>` visible (PTB writes it literally).
-    pub fn decode(&self, ids: &[i64]) -> Result<String> {
+    pub fn decode<T: Copy + Into<i64>>(&self, ids: &[T]) -> Result<String> {
         let ids: Vec<u32> = ids
             .iter()
-            .take_while(|&&i| i != EOS)
-            .filter(|&&i| i != PAD && i != BOS)
-            .map(|&i| i as u32)
+            .map(|&i| i.into())
+            .take_while(|&i| i != EOS)
+            .filter(|&i| i != PAD && i != BOS)
+            .filter_map(|i| u32::try_from(i).ok())
             .collect();
         let text = self
             .inner
@@ -264,7 +262,7 @@ mod tests {
         assert_eq!(tok.token_to_id("<unk>"), Some(UNK));
         let ids = tok.encode("the cat flew").unwrap();
         assert_eq!(ids.len(), 3);
-        assert_eq!(ids[2], UNK);
+        assert_eq!(i64::from(ids[2]), UNK);
         assert_eq!(tok.decode(&ids).unwrap(), "the cat <unk>");
         assert_eq!(tok.kind(), "word");
     }
@@ -278,8 +276,8 @@ mod tests {
         ] {
             let n = tok.vocab_size();
             let ids = tok.encode("the <unk> sat").unwrap();
-            assert!(ids.contains(&UNK), "{ids:?}");
-            assert!(ids.iter().all(|&i| i < n), "{ids:?} vs {n}");
+            assert!(ids.contains(&(UNK as u32)), "{ids:?}");
+            assert!(ids.iter().all(|&i| i64::from(i) < n), "{ids:?} vs {n}");
             let mut all: Vec<u32> = tok.inner.get_vocab(true).into_values().collect();
             all.sort();
             assert_eq!(all, (0..n as u32).collect::<Vec<_>>());
@@ -301,8 +299,11 @@ mod tests {
             "Hello, world! “quoted” — dash",
         ] {
             let ids = tok.encode(s).unwrap();
-            assert!(!ids.contains(&UNK), "byte-level BPE never needs <unk>");
-            let mut with_eos = ids.clone();
+            assert!(
+                !ids.contains(&(UNK as u32)),
+                "byte-level BPE never needs <unk>"
+            );
+            let mut with_eos: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
             with_eos.push(EOS);
             with_eos.push(PAD);
             assert_eq!(tok.decode(&with_eos).unwrap(), s);
@@ -328,7 +329,7 @@ mod tests {
             TextTokenizer::train_word(&corpus, 100).unwrap(),
             TextTokenizer::train_bpe(&corpus, 300).unwrap(),
         ] {
-            let one_by_one: Vec<Vec<i64>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
+            let one_by_one: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t).unwrap()).collect();
             assert_eq!(tok.encode_many(&texts).unwrap(), one_by_one);
         }
     }

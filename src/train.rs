@@ -21,7 +21,7 @@ use tch::{Device, Kind};
 
 use crate::checkpoint::{self as ckpt, CheckpointConfig, TrainState};
 use crate::config::{LrSchedule, ModelConfig, Selection, TrainConfig};
-use crate::data::{self, Batch, Encoded};
+use crate::data::{self, Batch, Encoded, Sentences};
 use crate::eval::{evaluate_elbo, iw_nll, perplexity, ElboStats};
 use crate::files::{self, DirLock};
 use crate::latent::{reconstruction_score, Score};
@@ -243,7 +243,7 @@ impl<'a> Trainer<'a> {
             dir,
             _lock: lock,
             total_steps: 0,
-            lengths: prep.train.seqs.iter().map(Vec::len).collect(),
+            lengths: prep.train.seqs.lengths(),
             cfg,
             model_cfg,
             prep,
@@ -397,7 +397,7 @@ impl<'a> Trainer<'a> {
             self.dir.display(),
             self.req.corpus.display(),
             prep.train.seqs.len(),
-            prep.train.total_tokens(),
+            prep.train.seqs.total_tokens(),
             prep.valid.seqs.len(),
             prep.tokenizer.kind(),
             self.model_cfg.vocab_size,
@@ -504,10 +504,7 @@ impl<'a> Trainer<'a> {
     /// One optimiser step on the batch of sentences `idx`; returns the step's beta.
     fn train_step(&mut self, idx: &[usize], window: &mut Window) -> Result<f64> {
         let cfg = &self.cfg;
-        let rows: Vec<&[i64]> = idx
-            .iter()
-            .map(|&i| self.prep.train.seqs[i].as_slice())
-            .collect();
+        let rows: Vec<&[u32]> = idx.iter().map(|&i| self.prep.train.seqs.get(i)).collect();
         let batch = Batch::new(&rows, self.req.device);
         if cfg.ae_steps > 0 && self.state.step == cfg.ae_steps {
             reinit_decoder(&self.vs, &self.model_cfg)?;
@@ -707,7 +704,7 @@ pub struct TrainingMemory {
 }
 
 impl TrainingMemory {
-    pub fn estimate(model: &ModelConfig, cfg: &TrainConfig, seqs: &[Vec<i64>]) -> Self {
+    pub fn estimate(model: &ModelConfig, cfg: &TrainConfig, seqs: &Sentences) -> Self {
         let v = model.vocab_size;
         let bow = if cfg.bow_weight > 0.0 {
             model.latent_dim * model.hidden_dim + model.hidden_dim + model.hidden_dim * v + v
@@ -1029,7 +1026,7 @@ const RECONSTRUCTED: usize = 1000;
 const NLL_SENTENCES: usize = 500;
 const NLL_SAMPLES: usize = 20;
 
-fn validate(vae: &Vae, seqs: &[Vec<i64>], cfg: &TrainConfig, device: Device) -> Result<Validation> {
+fn validate(vae: &Vae, seqs: &Sentences, cfg: &TrainConfig, device: Device) -> Result<Validation> {
     let stats = evaluate_elbo(vae, seqs, cfg.batch_size.max(64), device)?;
     let kl_dims = tch::Tensor::from_slice(&stats.kl_dims);
     let kl = kl_term_of_dim_means(&kl_dims, cfg.free_bits, cfg.target_kl).double_value(&[]);
@@ -1038,13 +1035,13 @@ fn validate(vae: &Vae, seqs: &[Vec<i64>], cfg: &TrainConfig, device: Device) -> 
         Selection::Objective | Selection::Last => objective,
         Selection::Elbo => stats.neg_elbo,
         Selection::Nll => {
-            let n = seqs.len().min(NLL_SENTENCES);
-            iw_nll(vae, &seqs[..n], NLL_SAMPLES, cfg.batch_size.max(64), device)
+            let head = seqs.first(NLL_SENTENCES);
+            iw_nll(vae, &head, NLL_SAMPLES, cfg.batch_size.max(64), device)
         }
     };
     let decoding = Decoding::new(Strategy::Greedy, cfg.max_len);
-    let n = seqs.len().min(RECONSTRUCTED);
-    let rec = reconstruction_score(vae, &seqs[..n], &decoding, DECODE_BATCH, device)?;
+    let head = seqs.first(RECONSTRUCTED);
+    let rec = reconstruction_score(vae, &head, &decoding, DECODE_BATCH, device)?;
     Ok(Validation {
         stats,
         objective,
@@ -1285,7 +1282,8 @@ mod tests {
             batch_size: 2,
             ..TrainConfig::default()
         };
-        let seqs = vec![vec![5; 3], vec![5; 9], vec![5; 4], vec![5; 1]];
+        let rows: [&[u32]; 4] = [&[5; 3], &[5; 9], &[5; 4], &[5; 1]];
+        let seqs: Sentences = rows.into_iter().collect();
         let m = TrainingMemory::estimate(&model, &cfg, &seqs);
         assert_eq!(m.batch_tokens, 10 + 5); // the two longest, each with its end token
         assert_eq!(m.output_bytes, 15 * 1000 * 8);

@@ -417,7 +417,7 @@ fn save_then_load(tie: bool) {
     let loaded = checkpoint::load(dir.path(), Device::Cpu).unwrap();
     assert_eq!(loaded.config.model, cfg);
     let enc = data::encode_lines(&loaded.tokenizer, &lines[..5], 64).unwrap();
-    let rows: Vec<&[i64]> = enc.seqs.iter().map(Vec::as_slice).collect();
+    let rows: Vec<&[u32]> = enc.seqs.iter().collect();
     let batch = Batch::new(&rows, Device::Cpu);
     let (mu_a, logvar_a) = vae.encoder.forward(&batch.targets, &batch.lengths, false);
     let (mu_b, logvar_b) = loaded
@@ -467,7 +467,7 @@ fn word_tokenizer_covers_every_ptb_training_word() {
     let enc = data::encode_lines(&tok, &lines, 1000).unwrap();
     let max = enc.seqs.iter().flatten().max().copied().unwrap();
     assert!(
-        max < tok.vocab_size(),
+        i64::from(max) < tok.vocab_size(),
         "id {max} outside the vocabulary of {}",
         tok.vocab_size()
     );
