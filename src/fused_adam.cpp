@@ -1,4 +1,5 @@
-// libtorch's fused Adam kernel (`at::_fused_adam_`, what `torch.optim.Adam(fused=True)` runs),
+// libtorch's fused AdamW kernel (`at::_fused_adamw_`, what `torch.optim.AdamW(fused=True)` runs;
+// with no weight decay it is `torch.optim.Adam`'s update),
 // which tch does not wrap, behind one C function over tch's tensor handles (each a pointer to an
 // at::Tensor, libtch's `tensor`). Used by src/optim.rs; built by build.rs against the same
 // libtorch headers as torch-sys.
@@ -9,7 +10,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
-#include <ATen/ops/_fused_adam.h>
+#include <ATen/ops/_fused_adamw.h>
 
 #include <cstddef>
 #include <cstdlib>
@@ -39,7 +40,8 @@ char *copy_message(const char *msg) {
 
 }  // namespace
 
-// Adam (torch.optim.Adam's update, no weight decay, no amsgrad) over n parameters in place.
+// Adam with decoupled weight decay `weight_decay` (torch.optim.AdamW's update, no amsgrad; 0 is
+// torch.optim.Adam's) over n parameters in place.
 // `step` is one float tensor of shape [1] shared by all parameters, already incremented for this
 // step; gradients are divided by `grad_scale` ([1]) first; nothing changes where `found_inf`
 // ([1]) is 1. Returns null, or an error message to be released with textvae_free_message.
@@ -47,7 +49,8 @@ extern "C" char *textvae_fused_adam(at::Tensor *const *params, at::Tensor *const
                                     at::Tensor *const *exp_avgs,
                                     at::Tensor *const *exp_avg_sqs, std::size_t n,
                                     const at::Tensor *step, double lr, double beta1,
-                                    double beta2, double eps, const at::Tensor *grad_scale,
+                                    double beta2, double eps, double weight_decay,
+                                    const at::Tensor *grad_scale,
                                     const at::Tensor *found_inf) {
   try {
     at::NoGradGuard no_grad;
@@ -57,9 +60,9 @@ extern "C" char *textvae_fused_adam(at::Tensor *const *params, at::Tensor *const
       t = t.contiguous();
     }
     std::vector<at::Tensor> steps(n, *step);
-    at::_fused_adam_(gather(params, n), g, gather(exp_avgs, n), gather(exp_avg_sqs, n), {},
-                     steps, lr, beta1, beta2, /*weight_decay=*/0.0, eps, /*amsgrad=*/false,
-                     /*maximize=*/false, *grad_scale, *found_inf);
+    at::_fused_adamw_(gather(params, n), g, gather(exp_avgs, n), gather(exp_avg_sqs, n), {},
+                      steps, lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
+                      /*maximize=*/false, *grad_scale, *found_inf);
     return nullptr;
   } catch (const std::exception &e) {
     return copy_message(e.what());

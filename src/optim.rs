@@ -32,6 +32,7 @@ extern "C" {
         beta1: f64,
         beta2: f64,
         eps: f64,
+        weight_decay: f64,
         grad_scale: *const C_tensor,
         found_inf: *const C_tensor,
     ) -> *mut c_char;
@@ -46,6 +47,9 @@ pub struct Adam {
     v: Vec<Tensor>,
     /// Steps taken (the bias corrections' t), as the kernel reads it: float, [1], on the device.
     step: Tensor,
+    /// Decoupled weight decay of each parameter (AdamW, Loshchilov & Hutter 2019): every step
+    /// takes lr * decay of the weight off it, whatever its gradient.
+    decay: Vec<f64>,
 }
 
 /// The two per-step scalars the kernel reads on the device: gradients are divided by
@@ -90,9 +94,21 @@ impl Adam {
         Self {
             m: zeros(&params),
             v: zeros(&params),
+            decay: vec![0.0; params.len()],
             params,
             step: Tensor::zeros([1], (Kind::Float, vs.device())),
         }
+    }
+
+    /// Decoupled weight decay `decay` on the parameters whose name `applies` accepts (the rest
+    /// keep theirs).
+    pub fn with_weight_decay(mut self, decay: f64, applies: impl Fn(&str) -> bool) -> Self {
+        for ((name, _), d) in self.params.iter().zip(&mut self.decay) {
+            if applies(name) {
+                *d = decay;
+            }
+        }
+        self
     }
 
     /// d loss / d parameter for each parameter, in `step`'s order, as new tensors (undefined for
@@ -121,47 +137,72 @@ impl Adam {
 
     /// One update at learning rate `lr` from `grads` (`gradients`' order), divided by
     /// `ctl.grad_scale`, unless `ctl.skip`: m <- b1 m + (1 - b1) g, v <- b2 v + (1 - b2) g^2,
-    /// p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps), as torch.optim.Adam.
-    /// The gradients are consumed (the kernel scales them in place).
+    /// p <- p (1 - lr decay) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps), as
+    /// torch.optim.AdamW (torch.optim.Adam where decay is 0). The gradients are consumed (the
+    /// kernel scales them in place).
     pub fn step(&mut self, grads: &[Tensor], lr: f64, ctl: &StepControl) -> Result<()> {
         let reached: Vec<usize> = (0..grads.len()).filter(|&i| grads[i].defined()).collect();
-        let params = handles(reached.iter().map(|&i| &self.params[i].1));
-        let grad_handles = handles(reached.iter().map(|&i| &grads[i]));
-        let m = handles(reached.iter().map(|&i| &self.m[i]));
-        let v = handles(reached.iter().map(|&i| &self.v[i]));
+        // One kernel call per decay value (one call unless some weights decay).
+        let mut groups: Vec<(f64, Vec<usize>)> = Vec::new();
+        for i in reached {
+            match groups.iter_mut().find(|(d, _)| *d == self.decay[i]) {
+                Some((_, g)) => g.push(i),
+                None => groups.push((self.decay[i], vec![i])),
+            }
+        }
         tch::no_grad(|| -> Result<()> {
             // As torch.optim.Adam's fused path: count the step first, take it back if skipped.
             let _ = self.step.g_add_scalar_(1.0);
-            // SAFETY: every handle points to a live tensor borrowed for this call, the four
-            // lists have `reached.len()` entries each, and the C side copies the handles' tensors
-            // (reference-counted) before it returns.
-            let err = unsafe {
-                textvae_fused_adam(
-                    params.as_ptr(),
-                    grad_handles.as_ptr(),
-                    m.as_ptr(),
-                    v.as_ptr(),
-                    reached.len(),
-                    self.step.as_ptr(),
-                    lr,
-                    BETA1,
-                    BETA2,
-                    EPS,
-                    ctl.grad_scale.as_ptr(),
-                    ctl.skip.as_ptr(),
-                )
-            };
-            if !err.is_null() {
-                // SAFETY: a non-null return is a NUL-terminated message from malloc, ours to free.
-                let msg = unsafe { CStr::from_ptr(err) }
-                    .to_string_lossy()
-                    .into_owned();
-                unsafe { textvae_free_message(err) };
-                bail!("the fused Adam step failed: {msg}");
+            for (decay, group) in &groups {
+                self.fused_step(group, grads, lr, *decay, ctl)?;
             }
             let _ = self.step.g_sub_(&ctl.skip);
             Ok(())
         })
+    }
+
+    /// The fused kernel over the parameters `idx`, the step count already advanced.
+    fn fused_step(
+        &self,
+        idx: &[usize],
+        grads: &[Tensor],
+        lr: f64,
+        decay: f64,
+        ctl: &StepControl,
+    ) -> Result<()> {
+        let params = handles(idx.iter().map(|&i| &self.params[i].1));
+        let grad_handles = handles(idx.iter().map(|&i| &grads[i]));
+        let m = handles(idx.iter().map(|&i| &self.m[i]));
+        let v = handles(idx.iter().map(|&i| &self.v[i]));
+        // SAFETY: every handle points to a live tensor borrowed for this call, the four lists
+        // have `idx.len()` entries each, and the C side copies the handles' tensors
+        // (reference-counted) before it returns.
+        let err = unsafe {
+            textvae_fused_adam(
+                params.as_ptr(),
+                grad_handles.as_ptr(),
+                m.as_ptr(),
+                v.as_ptr(),
+                idx.len(),
+                self.step.as_ptr(),
+                lr,
+                BETA1,
+                BETA2,
+                EPS,
+                decay,
+                ctl.grad_scale.as_ptr(),
+                ctl.skip.as_ptr(),
+            )
+        };
+        if !err.is_null() {
+            // SAFETY: a non-null return is a NUL-terminated message from malloc, ours to free.
+            let msg = unsafe { CStr::from_ptr(err) }
+                .to_string_lossy()
+                .into_owned();
+            unsafe { textvae_free_message(err) };
+            bail!("the fused Adam step failed: {msg}");
+        }
+        Ok(())
     }
 
     /// The state as named tensors (on the CPU), for a checkpoint.
@@ -322,6 +363,62 @@ mod tests {
             let other = &b.variables()[&name];
             assert!(t.allclose(other, 1e-5, 1e-6, false), "{name} differs");
         }
+    }
+
+    #[test]
+    fn weight_decay_follows_libtorch_adamw_on_the_weights_it_names() {
+        let _rng = crate::seeded(13);
+        // Two independent regressions in one store: decaying one leaves the other's gradients
+        // as they were.
+        let layers = |vs: &nn::VarStore| {
+            let layer = |name: &str| nn::linear(vs.root() / name, 5, 3, Default::default());
+            (layer("p"), layer("q"))
+        };
+        let first = nn::VarStore::new(Device::Cpu);
+        let mut stores = vec![(layers(&first), first)];
+        for _ in 0..3 {
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            let l = layers(&vs);
+            vs.copy(&stores[0].1).unwrap();
+            stores.push((l, vs));
+        }
+        let x = Tensor::randn([16, 5], (Kind::Float, Device::Cpu));
+        let y = Tensor::randn([16, 3], (Kind::Float, Device::Cpu));
+        let loss = |(p, q): &(nn::Linear, nn::Linear)| {
+            ((p.forward(&x) - &y).square() + (q.forward(&x) - &y).square()).mean(Kind::Float)
+        };
+        let mut ours = [
+            Adam::new(&stores[0].1).with_weight_decay(0.1, |_| true),
+            Adam::new(&stores[1].1).with_weight_decay(0.1, |n| n.starts_with("p.")),
+            Adam::new(&stores[2].1),
+        ];
+        let mut theirs = nn::AdamW::default()
+            .wd(0.1)
+            .build(&stores[3].1, 0.01)
+            .unwrap();
+        for _ in 0..10 {
+            for (opt, (l, _)) in ours.iter_mut().zip(&stores) {
+                let grads = opt.gradients(&loss(l)).unwrap();
+                opt.step(&grads, 0.01, &plain()).unwrap();
+            }
+            theirs.zero_grad();
+            loss(&stores[3].0).backward();
+            theirs.step();
+        }
+        let same = |s: usize, t: usize, name: &str| {
+            let (s, t) = (
+                &stores[s].1.variables()[name],
+                &stores[t].1.variables()[name],
+            );
+            s.allclose(t, 1e-5, 1e-6, false)
+        };
+        for name in ["p.weight", "p.bias", "q.weight", "q.bias"] {
+            assert!(same(0, 3, name), "{name} differs from AdamW's");
+        }
+        // Decay on p only: p as AdamW's, q as plain Adam's.
+        assert!(same(1, 3, "p.weight") && same(1, 3, "p.bias"));
+        assert!(same(1, 2, "q.weight") && same(1, 2, "q.bias"));
+        assert!(!same(2, 3, "q.weight"), "decay changed nothing");
     }
 
     #[test]

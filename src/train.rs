@@ -235,7 +235,9 @@ impl<'a> Trainer<'a> {
         let mut vae = Vae::new(vs.root(), &model_cfg);
         vae.train_kind = runtime::matmul_kind(cfg.precision, req.device);
         let bow = (cfg.bow_weight > 0.0).then(|| BowHead::new(vs.root() / "bow", &model_cfg));
-        let opt = Adam::new(&vs);
+        let opt = Adam::new(&vs).with_weight_decay(cfg.encoder_weight_decay, |name| {
+            name.starts_with("encoder.")
+        });
         let mut t = Self {
             req,
             // Writes nothing until `resume` or `start_new` says what the log holds.
@@ -653,7 +655,7 @@ fn objective_plan(cfg: &TrainConfig) -> String {
     // A clause of the objective's description, present only when its setting is on.
     let clause = |on: bool, text: String| if on { text } else { String::new() };
     format!(
-        "keeping the weights with the best {} (--select {}); objective rec + beta * KL term{}{}{}",
+        "keeping the weights with the best {} (--select {}); objective rec + beta * KL term{}{}{}{}",
         cfg.select.describe(),
         cfg.select
             .to_possible_value()
@@ -669,6 +671,13 @@ fn objective_plan(cfg: &TrainConfig) -> String {
         clause(
             cfg.bow_weight > 0.0,
             format!(" + {} * bag-of-words loss", cfg.bow_weight)
+        ),
+        clause(
+            cfg.encoder_weight_decay > 0.0,
+            format!(
+                "; encoder weight decay {} (AdamW)",
+                cfg.encoder_weight_decay
+            )
         ),
     )
 }

@@ -351,6 +351,8 @@ fn bad_inputs_fail_cleanly() {
     train(&["few.txt", "--batch-size", "32"]).fails_with("fewer than one batch");
     train(&["few.txt", "--latent-dim", "0"]).fails_with("--latent-dim must be positive");
     train(&["few.txt", "--word-dropout", "1.5"]).fails_with("--word-dropout");
+    train(&["few.txt", "--encoder-weight-decay", "-1"])
+        .fails_with("--encoder-weight-decay must be >= 0");
     train(&["few.txt", "--tokenizer", "chars"]).fails_with("--tokenizer must be");
     train(&["few.txt", "--device", "cuda:7"]).fails_with("cuda:7");
     train(&["few.txt", "--threads", "0"]).fails_with("--threads must be positive");
