@@ -137,7 +137,7 @@ pub struct TrainArgs {
     pub target_kl: Option<f64>,
     /// Decoupled weight decay on the encoder's own weights (AdamW): each step takes lr times
     /// this share off them, so directions the objective barely constrains do not drift. Keeps
-    /// free bits' validation KL from running away late in a run (README, Penn Treebank)
+    /// free bits' validation KL from running away late in a run (README: the run-away)
     /// [default: 0; 0.1 with --preset ptb].
     #[arg(long, allow_negative_numbers = true)]
     pub encoder_weight_decay: Option<f64>,

@@ -229,7 +229,7 @@ impl Preset {
                     lr: 4e-3,
                     // Without it the validation KL ran away from epoch 12 (a few unseen
                     // sentences' codes far outside the training range); with it 16 epochs stayed
-                    // at 4.4-4.9 nats and each epoch's ELBO was 0.3-0.6 nats better (README,
+                    // at 4.3-5.1 nats and each epoch's ELBO was 0.3-0.6 nats better (README,
                     // The free-bits run-away and its fix).
                     encoder_weight_decay: 0.1,
                     ..TrainConfig::default()
