@@ -1,9 +1,11 @@
-//! Adam (Kingma & Ba 2015) over tch tensors, with PyTorch's defaults and update rule, run by
-//! libtorch's fused kernel (`torch.optim.Adam(fused=True)`; src/fused_adam.cpp, since tch does
-//! not wrap it): one pass over each weight instead of seven, with gradient clipping and the skip
-//! of a non-finite step decided on the device, so a step never waits for the host. The moments
-//! and the step count are named tensors, saved beside the weights, so a resumed run goes on with
-//! the optimiser where it was instead of restarting Adam's estimates from zero.
+//! Adam (Kingma & Ba 2015) over tch tensors, with PyTorch's defaults and update rule and an
+//! optional decoupled weight decay per parameter (AdamW, Loshchilov & Hutter 2019), run by
+//! libtorch's fused kernel (`torch.optim.AdamW(fused=True)`, which is `torch.optim.Adam`'s update
+//! where the decay is 0; src/fused_adam.cpp, since tch does not wrap it): one pass over each
+//! weight instead of seven, with gradient clipping and the skip of a non-finite step decided on
+//! the device, so a step never waits for the host. The moments and the step count are named
+//! tensors, saved beside the weights, so a resumed run goes on with the optimiser where it was
+//! instead of restarting Adam's estimates from zero.
 
 use std::collections::HashMap;
 use std::ffi::{c_char, CStr};
