@@ -167,23 +167,17 @@ pub struct Encoded {
     pub skipped_empty: usize,
 }
 
-/// Lines encoded at once: enough to keep every core busy, few enough that the tokenizer's full
-/// `Encoding`s (offsets, tokens as strings) of one chunk are small next to the ids kept.
-const ENCODE_CHUNK: usize = 8192;
-
 pub fn encode_lines(tok: &TextTokenizer, lines: &[String], max_len: usize) -> Result<Encoded> {
     let mut out = Encoded::default();
-    for chunk in lines.chunks(ENCODE_CHUNK) {
-        for ids in tok.encode_many(chunk)? {
-            if ids.is_empty() {
-                out.skipped_empty += 1;
-            } else if ids.len() > max_len {
-                out.skipped_long += 1;
-            } else {
-                out.seqs.push(&ids);
-            }
+    tok.encode_each(lines, |_, ids| {
+        if ids.is_empty() {
+            out.skipped_empty += 1;
+        } else if ids.len() > max_len {
+            out.skipped_long += 1;
+        } else {
+            out.seqs.push(&ids);
         }
-    }
+    })?;
     Ok(out)
 }
 

@@ -144,16 +144,16 @@ pub struct Inputs {
 pub fn prepare_inputs(tok: &TextTokenizer, corpus: &Corpus, max_len: usize) -> Result<Inputs> {
     let mut seqs = Sentences::default();
     let (mut unknown, mut long) = (Vec::new(), Vec::new());
-    for (line, &number) in corpus.lines.iter().zip(&corpus.line_numbers) {
-        let ids = tok.encode(line)?;
-        if ids.iter().all(|&i| i64::from(i) == UNK) {
+    tok.encode_each(&corpus.lines, |i, ids| {
+        let number = corpus.line_numbers[i];
+        if ids.iter().all(|&t| i64::from(t) == UNK) {
             unknown.push(number);
         }
         if ids.len() > max_len {
             long.push(number);
         }
         seqs.push(&ids);
-    }
+    })?;
     let mut warnings = Vec::new();
     if corpus.blank_skipped > 0 {
         warnings.push(format!("skipped {} blank lines", corpus.blank_skipped));

@@ -32,6 +32,10 @@ pub const SPECIALS: [&str; 4] = ["<pad>", "<s>", "</s>", "<unk>"];
 pub const DEFAULT_BPE_VOCAB: usize = 4000;
 pub const DEFAULT_WORD_VOCAB: usize = 20000;
 
+/// Lines encoded at once: enough to keep every core busy, few enough that the tokenizer's full
+/// `Encoding`s of one chunk are small next to the ids kept.
+const ENCODE_CHUNK: usize = 8192;
+
 /// Which tokenizer a training run uses.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TokenizerSpec {
@@ -216,6 +220,18 @@ impl TextTokenizer {
             // Rare (the tokenizers textvae builds accept any text): find which one, and why.
             Err(_) => texts.iter().map(|t| self.encode(t)).collect(),
         }
+    }
+
+    /// Hands `f` the index and token ids of each of `texts` in order, encoded in parallel a
+    /// chunk at a time, so that a large corpus never holds the tokenizer's full `Encoding`s
+    /// (offsets, tokens as strings) of more than one chunk.
+    pub fn encode_each(&self, texts: &[String], mut f: impl FnMut(usize, Vec<u32>)) -> Result<()> {
+        for (c, chunk) in texts.chunks(ENCODE_CHUNK).enumerate() {
+            for (i, ids) in self.encode_many(chunk)?.into_iter().enumerate() {
+                f(c * ENCODE_CHUNK + i, ids);
+            }
+        }
+        Ok(())
     }
 
     /// Text of a generated sequence: stops at the first `</s>`, drops `<pad>` and `<s>`, keeps
