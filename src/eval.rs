@@ -312,6 +312,8 @@ pub fn evaluate(
             logvars.push(logvar);
             done += batch.n_tokens;
             progress(done);
+            // Each batch of sentences meets new shapes (K samples of its own length).
+            crate::runtime::release_free_memory();
         }
         if mus.is_empty() {
             return 0.0;

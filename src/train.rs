@@ -1036,6 +1036,9 @@ const NLL_SENTENCES: usize = 500;
 const NLL_SAMPLES: usize = 20;
 
 fn validate(vae: &Vae, seqs: &Sentences, cfg: &TrainConfig, device: Device) -> Result<Validation> {
+    // Validation's batches and the training steps after it differ in shape: neither keeps the
+    // other's freed blocks.
+    runtime::release_free_memory();
     let stats = evaluate_elbo(vae, seqs, cfg.batch_size.max(64), device)?;
     let kl_dims = tch::Tensor::from_slice(&stats.kl_dims);
     let kl = kl_term_of_dim_means(&kl_dims, cfg.free_bits, cfg.target_kl).double_value(&[]);
@@ -1051,6 +1054,7 @@ fn validate(vae: &Vae, seqs: &Sentences, cfg: &TrainConfig, device: Device) -> R
     let decoding = Decoding::new(Strategy::Greedy, cfg.max_len);
     let head = seqs.first(RECONSTRUCTED);
     let rec = reconstruction_score(vae, &head, &decoding, DECODE_BATCH, device)?;
+    runtime::release_free_memory();
     Ok(Validation {
         stats,
         objective,
