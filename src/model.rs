@@ -759,8 +759,8 @@ mod tests {
             (batch_sum - alone_sum).abs() < 1e-3,
             "{batch_sum} vs {alone_sum}"
         );
-        // The output layer in blocks of tokens (evaluation, and training's fixed blocks) gives the same sums, with either
-        // skip path, whether a block ends inside a sentence or not.
+        // The output layer in blocks of tokens (evaluation, and training's fixed blocks) gives
+        // the same sums, with either skip path, whether a block ends inside a sentence or not.
         for skip_hidden in [false, true] {
             let vae = Vae::new(
                 nn::VarStore::new(Device::Cpu).root(),
