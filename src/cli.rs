@@ -19,6 +19,7 @@ use crate::eval;
 use crate::latent::{self, Method, Spread};
 use crate::model::Vae;
 use crate::plot;
+use crate::progress::Progress;
 use crate::runtime;
 use crate::sample::{self, Decoding, GenerateOptions, Strategy};
 use crate::tokenizer::{TextTokenizer, TokenizerSpec};
@@ -1001,21 +1002,13 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         anyhow::ensure!(n >= 1, "--sentences must be at least 1");
         seqs = seqs.select(data::evenly_spaced(seqs.len(), n));
     }
-    let bar = if std::io::stderr().is_terminal() {
-        // Tokens, not sentences: batches run shortest first.
-        let tokens = seqs.total_tokens();
-        let bar = indicatif::ProgressBar::new(tokens as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "eval [{bar:30}] {percent}% of the NLL's samples ({elapsed}<{eta})",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        Some(bar)
-    } else {
-        None
-    };
+    // Tokens, not sentences: batches run shortest first, and a token's K samples cost the same.
+    let mut progress = Progress::new(
+        std::io::stderr().is_terminal(),
+        seqs.total_tokens() as u64,
+        "eval [{bar:30}] {percent}% of the NLL's samples ({elapsed}<{eta})",
+        "eval: the NLL's samples",
+    );
     let opts = eval::EvalOptions {
         iw_samples: a.iw_samples,
         iw_kind: runtime::matmul_kind(a.precision, device),
@@ -1027,13 +1020,9 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         decode_batch: sample::DECODE_BATCH,
     };
     let r = eval::evaluate(&model.vae, &seqs, &opts, device, |done| {
-        if let Some(bar) = &bar {
-            bar.set_position(done as u64);
-        }
+        progress.set(done as u64)
     })?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    progress.finish();
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

@@ -13,6 +13,7 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod plot;
+pub mod progress;
 pub mod runtime;
 pub mod sample;
 pub mod tokenizer;

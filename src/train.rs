@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::ValueEnum;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde_json::json;
 use tch::nn;
 use tch::{Device, Kind};
@@ -1120,17 +1120,9 @@ fn readable(x: f64) -> String {
 }
 
 fn progress_bar(terminal: bool, len: u64, epoch: usize) -> Option<ProgressBar> {
-    if !terminal {
-        return None;
-    }
-    let bar = ProgressBar::new(len);
-    let style = ProgressStyle::with_template(&format!(
-        "epoch {epoch} [{{bar:30}}] {{pos}}/{{len}} {{msg}} ({{elapsed}}<{{eta}})"
-    ))
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
-    bar.set_style(style);
-    Some(bar)
+    let template =
+        format!("epoch {epoch} [{{bar:30}}] {{pos}}/{{len}} {{msg}} ({{elapsed}}<{{eta}})");
+    terminal.then(|| crate::progress::bar(&template, len))
 }
 
 /// Running means over a logging window. The step's losses stay on the device, summed there, and

@@ -354,6 +354,14 @@ fn eval_reports_the_reconstruction_that_reconstruct_scores() {
     let c = corpus.to_str().unwrap();
     let ev = run(&["eval", c, "--json", "--iw-samples", "2"], None);
     let v: serde_json::Value = serde_json::from_str(ev.ok().stdout.trim()).unwrap();
+    // No terminal here: progress comes as log lines on stderr, the last one at 100%.
+    assert!(
+        ev.stderr
+            .lines()
+            .any(|l| l.starts_with("eval: the NLL's samples: 100% after")),
+        "no progress line:\n{}",
+        ev.stderr
+    );
     let rec = run(&["reconstruct", c, "--score"], None);
     let line = rec
         .ok()
