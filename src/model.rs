@@ -153,6 +153,46 @@ enum ZSkip {
     Logits(Tensor),
 }
 
+/// The output layer's weights [V, H] (None when tied to the embedding) and bias [V]: the same
+/// names, order and initialisation as `nn::linear`, so untied models are unchanged.
+fn output_layer(p: &nn::Path, cfg: &ModelConfig) -> (Option<Tensor>, Tensor) {
+    let out = p / "out";
+    let bound = 1.0 / (cfg.hidden_dim as f64).sqrt();
+    let out_bs = out.var(
+        "bias",
+        &[cfg.vocab_size],
+        nn::Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    );
+    let out_ws = (!cfg.tie_embeddings).then(|| {
+        out.var(
+            "weight",
+            &[cfg.vocab_size, cfg.hidden_dim],
+            nn::init::DEFAULT_KAIMING_UNIFORM,
+        )
+    });
+    (out_ws, out_bs)
+}
+
+/// The skip path from z to the output layer, in the form `cfg.skip_hidden` names.
+fn z_skip_path(p: &nn::Path, cfg: &ModelConfig) -> ZSkip {
+    if cfg.skip_hidden {
+        ZSkip::Hidden((p / "z_hidden").var(
+            "weight",
+            &[cfg.hidden_dim, cfg.latent_dim],
+            nn::init::DEFAULT_KAIMING_UNIFORM,
+        ))
+    } else {
+        ZSkip::Logits((p / "z_out").var(
+            "weight",
+            &[cfg.vocab_size, cfg.latent_dim],
+            nn::init::DEFAULT_KAIMING_UNIFORM,
+        ))
+    }
+}
+
 pub struct Decoder {
     emb: nn::Embedding,
     init: nn::Linear,
@@ -209,39 +249,8 @@ impl Decoder {
             })
             .filter_map(|name| (&p / "lstm").get(&name))
             .collect();
-        // Same names, order and initialisation as `nn::linear`, so untied models are unchanged.
-        let out = &p / "out";
-        let bound = 1.0 / (cfg.hidden_dim as f64).sqrt();
-        let out_bs = out.var(
-            "bias",
-            &[cfg.vocab_size],
-            nn::Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        );
-        let out_ws = (!cfg.tie_embeddings).then(|| {
-            out.var(
-                "weight",
-                &[cfg.vocab_size, cfg.hidden_dim],
-                nn::init::DEFAULT_KAIMING_UNIFORM,
-            )
-        });
-        let skip = cfg.z_skip.then(|| {
-            if cfg.skip_hidden {
-                ZSkip::Hidden((&p / "z_hidden").var(
-                    "weight",
-                    &[cfg.hidden_dim, cfg.latent_dim],
-                    nn::init::DEFAULT_KAIMING_UNIFORM,
-                ))
-            } else {
-                ZSkip::Logits((&p / "z_out").var(
-                    "weight",
-                    &[cfg.vocab_size, cfg.latent_dim],
-                    nn::init::DEFAULT_KAIMING_UNIFORM,
-                ))
-            }
-        });
+        let (out_ws, out_bs) = output_layer(&p, cfg);
+        let skip = cfg.z_skip.then(|| z_skip_path(&p, cfg));
         Self {
             emb,
             init,

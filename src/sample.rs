@@ -374,72 +374,138 @@ fn beam_search(vae: &Vae, z: &Tensor, k: usize, decoding: &Decoding) -> Result<V
                 .to_device(Device::Cpu),
         )?;
         let top_idx: Vec<i64> = Vec::try_from(top_idx.view([-1]).to_device(Device::Cpu))?;
-        let per = top_idx.len() / live.len();
-
-        let mut next_live = Vec::with_capacity(live.len());
-        let mut src_rows = Vec::with_capacity(live.len() * k);
-        let mut next_tokens = Vec::with_capacity(live.len() * k);
-        let mut next_scores = Vec::with_capacity(live.len() * k);
-        for (l, &s) in live.iter().enumerate() {
-            let mut beams = Vec::with_capacity(k);
-            for j in 0..per {
-                let (score, idx) = (top_scores[l * per + j], top_idx[l * per + j]);
-                if !score.is_finite() {
-                    break;
-                }
-                let (row, tok) = (l * k + (idx / v) as usize, idx % v);
-                if tok == EOS {
-                    if j < k {
-                        let tokens = histories[row].clone();
-                        let len = (tokens.len() + 1) as f64;
-                        finished[s].push(Hypothesis {
-                            tokens,
-                            score: score / len,
-                        });
-                    }
-                } else if beams.len() < k {
-                    beams.push((row as i64, tok, score));
-                }
-            }
-            if finished[s].len() >= k || beams.is_empty() {
-                continue; // done: the sentence leaves the batch
-            }
-            // A shortfall of continuations keeps dead placeholder beams to hold the shape.
-            while beams.len() < k {
-                beams.push((beams[0].0, PAD, f64::NEG_INFINITY));
-            }
-            next_live.push(s);
-            for (row, tok, score) in beams {
-                src_rows.push(row);
-                next_tokens.push(tok);
-                next_scores.push(score);
-            }
-        }
-        if next_live.is_empty() {
+        let next = choose_beams(
+            &live,
+            k,
+            v,
+            &top_scores,
+            &top_idx,
+            &histories,
+            &mut finished,
+        );
+        if next.live.is_empty() {
             live.clear();
             break;
         }
-        live = next_live;
-        let src = Tensor::from_slice(&src_rows).to_device(device);
+        let src = Tensor::from_slice(&next.src_rows).to_device(device);
         let LSTMState((h, c)) = next_state;
         state = LSTMState((h.index_select(1, &src), c.index_select(1, &src))); // [1, L*K, H]
         zk = zk.index_select(0, &src);
         zk_skip = zk_skip.map(|t| t.index_select(0, &src));
-        histories = src_rows
-            .iter()
-            .zip(&next_tokens)
-            .map(|(&r, &t)| {
-                let mut h = histories[r as usize].clone();
-                h.push(t);
-                h
-            })
-            .collect();
-        scores = next_scores;
-        tokens = Tensor::from_slice(&next_tokens).to_device(device);
+        histories = continue_histories(histories, &next.src_rows, &next.tokens);
+        tokens = Tensor::from_slice(&next.tokens).to_device(device);
+        (live, scores) = (next.live, next.scores);
     }
-    // Sentences that ran out of length with no finished hypothesis compete with their live
-    // beams as they stand.
-    let mut unfinished: Vec<Option<Vec<i64>>> = vec![None; b];
+    Ok(best_hypotheses(finished, &live, k, &scores, &histories))
+}
+
+/// The histories of the next step's rows: row i continues `src_rows[i]` with `tokens[i]`. A
+/// history is moved to the last row that continues it and copied for the others, so a beam
+/// that keeps one continuation costs no copy.
+fn continue_histories(
+    mut histories: Vec<Vec<i64>>,
+    src_rows: &[i64],
+    tokens: &[i64],
+) -> Vec<Vec<i64>> {
+    let mut continuations = vec![0usize; histories.len()];
+    for &r in src_rows {
+        continuations[r as usize] += 1;
+    }
+    src_rows
+        .iter()
+        .zip(tokens)
+        .map(|(&r, &t)| {
+            let r = r as usize;
+            continuations[r] -= 1;
+            let mut h = if continuations[r] == 0 {
+                std::mem::take(&mut histories[r])
+            } else {
+                histories[r].clone()
+            };
+            h.push(t);
+            h
+        })
+        .collect()
+}
+
+/// The beams a step leaves for the next: the sentences still searching (batch order), and for
+/// each of their K rows the row it continues, its token and its score.
+struct StepChoice {
+    live: Vec<usize>,
+    src_rows: Vec<i64>,
+    tokens: Vec<i64>,
+    scores: Vec<f64>,
+}
+
+/// One step's choice among each live sentence's 2K best continuations (`top_scores`,
+/// `top_idx` [L * 2K], indices into its K x V candidates): `</s>` among the first K finishes a
+/// hypothesis (scored per token), the best K others carry on. A sentence with K finished
+/// hypotheses, or nothing left to continue, leaves the search.
+fn choose_beams(
+    live: &[usize],
+    k: usize,
+    v: i64,
+    top_scores: &[f64],
+    top_idx: &[i64],
+    histories: &[Vec<i64>],
+    finished: &mut [Vec<Hypothesis>],
+) -> StepChoice {
+    let per = top_idx.len() / live.len().max(1);
+    let mut next = StepChoice {
+        live: Vec::with_capacity(live.len()),
+        src_rows: Vec::with_capacity(live.len() * k),
+        tokens: Vec::with_capacity(live.len() * k),
+        scores: Vec::with_capacity(live.len() * k),
+    };
+    for (l, &s) in live.iter().enumerate() {
+        let mut beams = Vec::with_capacity(k);
+        for j in 0..per {
+            let (score, idx) = (top_scores[l * per + j], top_idx[l * per + j]);
+            if !score.is_finite() {
+                break;
+            }
+            let (row, tok) = (l * k + (idx / v) as usize, idx % v);
+            if tok == EOS {
+                if j < k {
+                    let tokens = histories[row].clone();
+                    let len = (tokens.len() + 1) as f64;
+                    finished[s].push(Hypothesis {
+                        tokens,
+                        score: score / len,
+                    });
+                }
+            } else if beams.len() < k {
+                beams.push((row as i64, tok, score));
+            }
+        }
+        if finished[s].len() >= k || beams.is_empty() {
+            continue; // done: the sentence leaves the batch
+        }
+        // A shortfall of continuations keeps dead placeholder beams to hold the shape.
+        while beams.len() < k {
+            beams.push((beams[0].0, PAD, f64::NEG_INFINITY));
+        }
+        next.live.push(s);
+        for (row, tok, score) in beams {
+            next.src_rows.push(row);
+            next.tokens.push(tok);
+            next.scores.push(score);
+        }
+    }
+    next
+}
+
+/// Each sentence's best finished hypothesis by log-probability per token; a sentence that ran
+/// out of length with none finished gets its best live beam as it stands (`live` are those
+/// sentences, K rows each in `scores` and `histories`).
+fn best_hypotheses(
+    finished: Vec<Vec<Hypothesis>>,
+    live: &[usize],
+    k: usize,
+    scores: &[f64],
+    histories: &[Vec<i64>],
+) -> Vec<Vec<i64>> {
+    let mut unfinished: Vec<Option<Vec<i64>>> = vec![None; finished.len()];
     for (l, &s) in live.iter().enumerate() {
         let rows = l * k..(l + 1) * k;
         let per_token = |r: usize| scores[r] / histories[r].len().max(1) as f64;
@@ -448,16 +514,17 @@ fn beam_search(vae: &Vae, z: &Tensor, k: usize, decoding: &Decoding) -> Result<V
             .max_by(|&a, &c| per_token(a).total_cmp(&per_token(c)))
             .map(|r| histories[r].clone());
     }
-    Ok((0..b)
-        .map(|s| {
-            finished[s]
-                .iter()
+    finished
+        .into_iter()
+        .zip(unfinished)
+        .map(|(hyps, rest)| {
+            hyps.into_iter()
                 .max_by(|a, c| a.score.total_cmp(&c.score))
-                .map(|h| h.tokens.clone())
-                .or_else(|| unfinished[s].take())
+                .map(|h| h.tokens)
+                .or(rest)
                 .unwrap_or_default()
         })
-        .collect())
+        .collect()
 }
 
 /// Decodes z [N, Z] (any device) in chunks of `batch_size` rows: token ids per row.
@@ -532,6 +599,52 @@ mod tests {
             top_k,
             top_p,
         }
+    }
+
+    #[test]
+    fn histories_are_continued_from_their_source_rows() {
+        let h = vec![vec![4, 5], vec![6]];
+        assert_eq!(
+            continue_histories(h.clone(), &[0, 0, 1], &[7, 8, 9]),
+            vec![vec![4, 5, 7], vec![4, 5, 8], vec![6, 9]]
+        );
+        // A row nothing continues is dropped; one continued twice is copied.
+        assert_eq!(
+            continue_histories(h, &[1, 1], &[7, 8]),
+            vec![vec![6, 7], vec![6, 8]]
+        );
+    }
+
+    #[test]
+    fn a_beam_step_finishes_on_eos_among_the_first_k_and_keeps_the_best_k_others() {
+        let (k, v) = (2, 10);
+        let histories = vec![vec![4], vec![5], vec![6], vec![7]];
+        let mut finished = vec![Vec::new(), Vec::new()];
+        // Sentence 0 (rows 0-1): </s> from row 1 first, then tokens 8 (row 0) and 9 (row 1).
+        // Sentence 1 (rows 2-3): </s> from row 2 first, token 3, then </s> from row 3 past the
+        // first K (not finished), then nothing finite: a dead placeholder fills the second beam.
+        let top_scores = [-1.0, -2.0, -3.0, -4.0, -1.2, -1.5, -2.5, f64::NEG_INFINITY];
+        let top_idx = [v + EOS, 8, v + 9, 3, EOS, 3, v + EOS, 4];
+        let next = choose_beams(
+            &[0, 1],
+            k,
+            v,
+            &top_scores,
+            &top_idx,
+            &histories,
+            &mut finished,
+        );
+        assert_eq!(finished[0].len(), 1);
+        assert_eq!(finished[0][0].tokens, vec![5]);
+        assert_eq!(finished[0][0].score, -0.5); // per token, </s> counted
+        assert_eq!(finished[1].len(), 1);
+        assert_eq!(finished[1][0].tokens, vec![6]);
+        assert_eq!(finished[1][0].score, -0.6);
+        assert_eq!(next.live, vec![0, 1]);
+        assert_eq!(next.src_rows, vec![0, 1, 2, 2]);
+        assert_eq!(next.tokens, vec![8, 9, 3, PAD]);
+        assert_eq!(next.scores[..3], [-2.0, -3.0, -1.5]);
+        assert_eq!(next.scores[3], f64::NEG_INFINITY);
     }
 
     #[test]
