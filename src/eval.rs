@@ -292,7 +292,8 @@ pub struct EvalOptions {
 /// The full protocol over `seqs`: the ELBO pass (shared with training's validation), the
 /// importance-weighted NLL with K samples batch by batch, the MI over the whole set (its mixture
 /// of every posterior), then the reconstructions.
-/// `progress` is called with the number of tokens (`</s>` counted) whose K samples are done.
+/// `progress` is called with the number of tokens (`</s>` counted) whose K samples are done,
+/// first with 0 as they start.
 pub fn evaluate(
     vae: &Vae,
     seqs: &Sentences,
@@ -302,6 +303,7 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     let elbo = evaluate_elbo(vae, seqs, opts.batch_size, device)?;
     let mut done = 0usize;
+    progress(done); // the samples start now: the ELBO pass is not their pace
     let mut nll = Tensor::zeros([], (Kind::Double, device));
     let (mut mus, mut logvars) = (Vec::new(), Vec::new());
     let mi = tch::no_grad(|| {

@@ -32,9 +32,11 @@ impl Progress {
         }
     }
 
-    /// `done` units of the total are finished.
+    /// `done` units of the total are finished. Zero (re)starts the clock: the caller says when
+    /// the counted work begins, so that set-up before it is not taken for its pace.
     pub fn set(&mut self, done: u64) {
         match self {
+            Progress::Bar(bar) if done == 0 => bar.reset(),
             Progress::Bar(bar) => bar.set_position(done),
             Progress::Lines(tenths) => {
                 if let Some(line) = tenths.update(done) {
@@ -69,12 +71,17 @@ impl Tenths {
         }
     }
 
-    /// The line to print now that `done` units are finished, if a new tenth was passed.
+    /// The line to print now that `done` units are finished, if a new tenth was passed; none at
+    /// zero, which restarts the clock.
     pub fn update(&mut self, done: u64) -> Option<String> {
         self.line_at(done, self.start.elapsed())
     }
 
     fn line_at(&mut self, done: u64, elapsed: Duration) -> Option<String> {
+        if done == 0 {
+            self.start = Instant::now();
+            return None;
+        }
         let tenth = tenths_done(done, self.total);
         if tenth <= self.shown {
             return None;
@@ -141,5 +148,13 @@ mod tests {
             Some("eval: 100% after 10.0 min, about 0 s left")
         );
         assert_eq!(t.line_at(1000, Duration::from_secs(601)), None);
+    }
+
+    #[test]
+    fn zero_done_restarts_the_clock() {
+        let mut t = Tenths::new("eval", 10);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(t.update(0), None);
+        assert!(t.start.elapsed() < Duration::from_millis(200));
     }
 }
