@@ -1120,9 +1120,12 @@ fn readable(x: f64) -> String {
 }
 
 fn progress_bar(terminal: bool, len: u64, epoch: usize) -> Option<ProgressBar> {
-    let template =
-        format!("epoch {epoch} [{{bar:30}}] {{pos}}/{{len}} {{msg}} ({{elapsed}}<{{eta}})");
-    terminal.then(|| crate::progress::bar(&template, len))
+    // The template is built only where a bar is drawn.
+    terminal.then(|| {
+        let template =
+            format!("epoch {epoch} [{{bar:30}}] {{pos}}/{{len}} {{msg}} ({{elapsed}}<{{eta}})");
+        crate::progress::bar(&template, len)
+    })
 }
 
 /// Running means over a logging window. The step's losses stay on the device, summed there, and
