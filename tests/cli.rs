@@ -22,6 +22,15 @@ fn train_then_generate_in_a_temp_dir() {
         "training reports the padding share"
     );
     let ckpt = dir.path().join("checkpoints/tiny");
+    check_checkpoint_files(dir.path(), &ckpt);
+    check_metrics(&read(&ckpt.join("metrics.jsonl")), 3);
+    check_generate(dir.path());
+    check_plot(dir.path(), &ckpt);
+}
+
+/// A training run's directory holds everything a checkpoint needs, and `checkpoints/LATEST` names
+/// it.
+fn check_checkpoint_files(root: &Path, ckpt: &Path) {
     for f in [
         "config.json",
         "model.safetensors",
@@ -36,7 +45,7 @@ fn train_then_generate_in_a_temp_dir() {
     // The held-out sentences are the ones validation used: none of them is trained on.
     let heldout = read(&ckpt.join("heldout.txt"));
     assert!(!heldout.trim().is_empty());
-    let latest = read(&dir.path().join("checkpoints/LATEST"));
+    let latest = read(&root.join("checkpoints/LATEST"));
     assert_eq!(Path::new(latest.trim()), ckpt.canonicalize().unwrap());
     let config: serde_json::Value = serde_json::from_str(&read(&ckpt.join("config.json"))).unwrap();
     assert_eq!(config["model"]["latent_dim"], 8);
@@ -47,12 +56,18 @@ fn train_then_generate_in_a_temp_dir() {
         .as_str()
         .unwrap()
         .starts_with("2.13"));
-    let metrics = read(&ckpt.join("metrics.jsonl"));
+}
+
+/// `metrics.jsonl` has one record per epoch and training records with every key the plots read.
+fn check_metrics(metrics: &str, epochs: usize) {
     let records: Vec<serde_json::Value> = metrics
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(records.iter().filter(|r| r["kind"] == "epoch").count(), 3);
+    assert_eq!(
+        records.iter().filter(|r| r["kind"] == "epoch").count(),
+        epochs
+    );
     let train_rec = records
         .iter()
         .find(|r| r["kind"] == "train")
@@ -73,21 +88,24 @@ fn train_then_generate_in_a_temp_dir() {
     for key in ["valid_rec", "valid_kl", "valid_elbo", "valid_au"] {
         assert!(epoch_rec.get(key).is_some(), "epoch record lacks {key}");
     }
+}
 
-    // The latest model is found with no flag; seven lines on stdout, nothing else.
+/// The latest model is found with no flag; the lines asked for on stdout, nothing else; the same
+/// seed gives the same samples.
+fn check_generate(root: &Path) {
     let gen = textvae(
-        dir.path(),
+        root,
         &["generate", "-n", "7", "--temperature", "0.8", "--seed", "3"],
     );
     gen.ok();
     assert_eq!(gen.stdout.lines().count(), 7, "{}", gen.stdout);
     let again = textvae(
-        dir.path(),
+        root,
         &["generate", "-n", "7", "--temperature", "0.8", "--seed", "3"],
     );
     assert_eq!(gen.stdout, again.stdout, "same seed, same samples");
     let greedy = textvae(
-        dir.path(),
+        root,
         &[
             "generate",
             "-n",
@@ -100,19 +118,21 @@ fn train_then_generate_in_a_temp_dir() {
     );
     greedy.ok();
     assert_eq!(greedy.stdout.lines().count(), 3);
+}
 
-    // Training curves of the latest model, next to it by default or where -o says.
-    let plot = textvae(dir.path(), &["plot"]);
+/// Training curves of the latest model, next to it by default or where -o says.
+fn check_plot(root: &Path, ckpt: &Path) {
+    let plot = textvae(root, &["plot"]);
     plot.ok();
     let png = ckpt.canonicalize().unwrap().join("curves.png");
     assert_eq!(Path::new(plot.stdout.trim()), png);
     assert_eq!(png_size(&png), (1400, 900));
     textvae(
-        dir.path(),
+        root,
         &["plot", "--checkpoint", "checkpoints/tiny", "-o", "c.png"],
     )
     .ok();
-    assert_eq!(png_size(&dir.path().join("c.png")), (1400, 900));
+    assert_eq!(png_size(&root.join("c.png")), (1400, 900));
 }
 
 /// Width and height from a PNG's IHDR chunk, after checking the signature.
@@ -601,14 +621,8 @@ fn killed_at_random_moments_the_run_always_resumes_from_its_last_save() {
         );
         saved = now;
         textvae(dir.path(), &["generate", "-n", "1", "--checkpoint", "m"]).ok();
-        let steps: Vec<u64> = read(&dir.path().join("m/metrics.jsonl"))
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|r| r["kind"] == "train")
-            .map(|r| r["step"].as_u64().unwrap())
-            .collect();
         assert!(
-            steps.windows(2).all(|w| w[0] < w[1]),
+            train_steps_in_order(&read(&dir.path().join("m/metrics.jsonl"))),
             "kill {kill}: a step appears twice or out of order in the metrics"
         );
     }
@@ -620,8 +634,24 @@ fn killed_at_random_moments_the_run_always_resumes_from_its_last_save() {
     assert!(saved > 0);
 
     // SIGTERM: saved at the next step boundary, exit 0.
-    let child = spawn();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    terminate_after(spawn(), 1500);
+    assert!(state_step() > saved, "SIGTERM saved nothing new");
+}
+
+/// Whether the training records of `metrics.jsonl` have strictly increasing steps.
+fn train_steps_in_order(metrics: &str) -> bool {
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["kind"] == "train")
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    steps.windows(2).all(|w| w[0] < w[1])
+}
+
+/// Sends `child` SIGTERM after `millis` and checks that it saved a checkpoint and exited 0.
+fn terminate_after(child: std::process::Child, millis: u64) {
+    std::thread::sleep(std::time::Duration::from_millis(millis));
     let pid = child.id().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -632,7 +662,6 @@ fn killed_at_random_moments_the_run_always_resumes_from_its_last_save() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("checkpoint saved"), "{stderr}");
-    assert!(state_step() > saved, "SIGTERM saved nothing new");
 }
 
 /// Waits until the run `child` holds the lock of checkpoint directory `dir` (the lock file names

@@ -89,34 +89,48 @@ fn random_and_awkward_inputs_never_panic() {
     }
     let mut runs = 0;
     for (what, bytes) in &inputs {
-        let file = write(d, "input.txt", bytes);
-        for cmd in ["reconstruct", "encode"] {
-            clean(
-                &textvae(d, &[cmd, &file, "--checkpoint", "m"]),
-                &format!("{cmd} {what}"),
-            );
-            runs += 1;
-        }
-        clean(
-            &textvae(d, &["interpolate", "--pairs", &file, "--checkpoint", "m"]),
-            &format!("interpolate --pairs {what}"),
-        );
-        let corpus = write(d, "corpus.txt", bytes);
-        let mut args = vec!["train", &corpus];
-        args.extend_from_slice(common::TINY_MODEL);
-        args.extend_from_slice(&["--epochs", "1", "--out", "c", "--force"]);
-        clean(&textvae(d, &args), &format!("train on {what}"));
-        runs += 2;
+        runs += every_command_on(d, what, bytes);
     }
+    runs += broken_checkpoints_fail_cleanly(d, &mut rng);
+    sizes_are_checked_before_allocating(d);
+    eprintln!(
+        "{runs} runs on {} inputs and 6 broken checkpoints: no panic",
+        inputs.len()
+    );
+}
 
-    // A checkpoint whose files are replaced by random bytes or cut short fails to load, saying
-    // which file; it never panics.
+/// `bytes` as the input of reconstruct, encode and interpolate (with model `m`) and as a training
+/// corpus: each exits cleanly. Returns the number of runs.
+fn every_command_on(d: &Path, what: &str, bytes: &[u8]) -> usize {
+    let file = write(d, "input.txt", bytes);
+    for cmd in ["reconstruct", "encode"] {
+        clean(
+            &textvae(d, &[cmd, &file, "--checkpoint", "m"]),
+            &format!("{cmd} {what}"),
+        );
+    }
+    clean(
+        &textvae(d, &["interpolate", "--pairs", &file, "--checkpoint", "m"]),
+        &format!("interpolate --pairs {what}"),
+    );
+    let corpus = write(d, "corpus.txt", bytes);
+    let mut args = vec!["train", &corpus];
+    args.extend_from_slice(common::TINY_MODEL);
+    args.extend_from_slice(&["--epochs", "1", "--out", "c", "--force"]);
+    clean(&textvae(d, &args), &format!("train on {what}"));
+    4
+}
+
+/// A checkpoint whose files are replaced by random bytes or cut short fails to load, saying which
+/// file; it never panics. Returns the number of runs.
+fn broken_checkpoints_fail_cleanly(d: &Path, rng: &mut impl Rng) -> usize {
     let files = ["config.json", "tokenizer.json", "model.safetensors"];
+    let mut runs = 0;
     for (i, name) in files.iter().enumerate() {
         let original = std::fs::read(d.join("m").join(name)).unwrap();
         let cut = original[..original.len() / 2].to_vec();
         for (how, bytes) in [
-            ("random bytes", random_input(&mut rng, 2000)),
+            ("random bytes", random_input(rng, 2000)),
             ("cut in half", cut),
         ] {
             let broken = format!("b{i}");
@@ -132,49 +146,28 @@ fn random_and_awkward_inputs_never_panic() {
             runs += 1;
         }
     }
-    // Sizes a user gives are checked before anything is allocated for them.
-    textvae(
-        d,
-        &[
-            "generate",
-            "-n",
-            "1",
-            "--max-len",
-            "1000000000",
-            "--checkpoint",
-            "m",
-        ],
-    )
-    .fails_with("--max-len must be at most 10000 tokens");
-    textvae(
-        d,
-        &[
-            "generate",
-            "-n",
-            "1",
-            "--max-len",
-            "10000",
-            "--checkpoint",
-            "m",
-        ],
-    )
-    .ok();
-    // Any number of samples runs in one batch's memory: z is drawn a batch at a time.
-    let many = textvae(
-        d,
-        &[
-            "generate",
-            "-n",
-            "3000",
-            "--max-len",
-            "3",
-            "--checkpoint",
-            "m",
-        ],
-    );
+    runs
+}
+
+/// Sizes a user gives are checked before anything is allocated for them, and any number of
+/// samples runs in one batch's memory (z is drawn a batch at a time).
+fn sizes_are_checked_before_allocating(d: &Path) {
+    let generate = |n: &str, max_len: &str| {
+        textvae(
+            d,
+            &[
+                "generate",
+                "-n",
+                n,
+                "--max-len",
+                max_len,
+                "--checkpoint",
+                "m",
+            ],
+        )
+    };
+    generate("1", "1000000000").fails_with("--max-len must be at most 10000 tokens");
+    generate("1", "10000").ok();
+    let many = generate("3000", "3");
     assert_eq!(many.ok().stdout.lines().count(), 3000);
-    eprintln!(
-        "{runs} runs on {} inputs and 6 broken checkpoints: no panic",
-        inputs.len()
-    );
 }

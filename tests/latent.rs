@@ -411,25 +411,26 @@ fn eval_takes_an_evenly_spaced_subset() {
     run(&["eval", c, "--sentences", "0"], None).fails_with("--sentences must be at least 1");
 }
 
-#[test]
-fn importance_weighted_nll_tightens_the_elbo_bound() {
+/// `eval --json` of the tiny corpus with K importance samples, a seed and further flags.
+fn eval_json(k: &str, seed: &str, extra: &[&str]) -> serde_json::Value {
     let corpus = common::tiny_corpus();
-    let eval = |k: &str, seed: &str| -> serde_json::Value {
-        let out = run(
-            &[
-                "eval",
-                corpus.to_str().unwrap(),
-                "--json",
-                "--iw-samples",
-                k,
-                "--seed",
-                seed,
-            ],
-            None,
-        );
-        serde_json::from_str(out.ok().stdout.trim()).unwrap()
-    };
-    let ones: Vec<serde_json::Value> = (1..=6).map(|s| eval("1", &s.to_string())).collect();
+    let c = corpus.to_str().unwrap();
+    let args = [
+        &["eval", c, "--json", "--iw-samples", k, "--seed", seed][..],
+        extra,
+    ]
+    .concat();
+    serde_json::from_str(run(&args, None).ok().stdout.trim()).unwrap()
+}
+
+fn num(v: &serde_json::Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap()
+}
+
+/// `eval --json` has exactly the documented keys, and PPL is exp(total NLL / tokens).
+#[test]
+fn eval_json_has_its_keys_and_ppl_follows_nll() {
+    let v = eval_json("1", "1", &[]);
     let keys = [
         "sentences",
         "tokens",
@@ -446,23 +447,25 @@ fn importance_weighted_nll_tightens_the_elbo_bound() {
         "rec_exact",
         "rec_bleu",
     ];
-    let obj = ones[0].as_object().unwrap();
+    let obj = v.as_object().unwrap();
     assert_eq!(obj.len(), keys.len(), "{obj:?}");
     for key in keys {
         assert!(obj.contains_key(key), "--json lacks {key}");
     }
-    assert_eq!(ones[0]["sentences"], 20);
-    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
-    // PPL is exp(total NLL / tokens).
-    let (n, t) = (f(&ones[0], "sentences"), f(&ones[0], "tokens"));
-    assert!(
-        (f(&ones[0], "ppl") - (f(&ones[0], "nll") * n / t).exp()).abs() < 1e-6 * f(&ones[0], "ppl")
-    );
+    assert_eq!(v["sentences"], 20);
+    let (n, t) = (num(&v, "sentences"), num(&v, "tokens"));
+    assert!((num(&v, "ppl") - (num(&v, "nll") * n / t).exp()).abs() < 1e-6 * num(&v, "ppl"));
+}
 
+#[test]
+fn importance_weighted_nll_tightens_the_elbo_bound() {
+    let ones: Vec<serde_json::Value> = (1..=6)
+        .map(|s| eval_json("1", &s.to_string(), &[]))
+        .collect();
     // The noise of a one-sample estimate, measured over six seeds.
     let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
-    let elbos: Vec<f64> = ones.iter().map(|v| f(v, "elbo")).collect();
-    let nll1: Vec<f64> = ones.iter().map(|v| f(v, "nll")).collect();
+    let elbos: Vec<f64> = ones.iter().map(|v| num(v, "elbo")).collect();
+    let nll1: Vec<f64> = ones.iter().map(|v| num(v, "nll")).collect();
     let spread = |xs: &[f64]| {
         let m = mean(xs);
         (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len() - 1) as f64).sqrt()
@@ -474,8 +477,8 @@ fn importance_weighted_nll_tightens_the_elbo_bound() {
         "K=1 {nll1:?} vs elbo {elbos:?}"
     );
     // More samples: a tighter bound, below the ELBO.
-    let nll10 = f(&eval("10", "7"), "nll");
-    let nll100 = f(&eval("100", "8"), "nll");
+    let nll10 = num(&eval_json("10", "7", &[]), "nll");
+    let nll100 = num(&eval_json("100", "8", &[]), "nll");
     assert!(
         nll100 <= mean(&elbos) + noise,
         "K=100 {nll100} vs elbo {}",
@@ -486,24 +489,12 @@ fn importance_weighted_nll_tightens_the_elbo_bound() {
         "{nll100} {nll10} {nll1:?}"
     );
     assert!(nll100 > 0.0);
-    // The NLL's samples in bfloat16: the same estimate within rounding, on the same draws.
-    let at = |precision: &str| {
-        let out = run(
-            &[
-                "eval",
-                corpus.to_str().unwrap(),
-                "--json",
-                "--iw-samples",
-                "10",
-                "--seed",
-                "7",
-                "--precision",
-                precision,
-            ],
-            None,
-        );
-        serde_json::from_str::<serde_json::Value>(out.ok().stdout.trim()).unwrap()
-    };
+}
+
+/// The NLL's samples in bfloat16: the same estimate within rounding, on the same draws.
+#[test]
+fn bfloat16_samples_give_the_same_nll_within_rounding() {
+    let at = |precision: &str| eval_json("10", "7", &["--precision", precision]);
     let (f32, bf16) = (at("f32"), at("bf16"));
     assert_eq!(
         (f32["iw_precision"].as_str(), bf16["iw_precision"].as_str()),
@@ -514,7 +505,7 @@ fn importance_weighted_nll_tightens_the_elbo_bound() {
         "only the NLL's samples change format"
     );
     assert!(
-        (f(&f32, "nll") - f(&bf16, "nll")).abs() < 0.01 * f(&f32, "nll"),
+        (num(&f32, "nll") - num(&bf16, "nll")).abs() < 0.01 * num(&f32, "nll"),
         "{f32} {bf16}"
     );
 }
