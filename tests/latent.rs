@@ -398,14 +398,7 @@ fn eval_reports_the_reconstruction_that_reconstruct_scores() {
 fn eval_takes_an_evenly_spaced_subset() {
     let corpus = common::tiny_corpus();
     let c = corpus.to_str().unwrap();
-    let sentences = |n: &str| -> serde_json::Value {
-        let out = run(
-            &["eval", c, "--json", "--iw-samples", "2", "--sentences", n],
-            None,
-        );
-        serde_json::from_str::<serde_json::Value>(out.ok().stdout.trim()).unwrap()["sentences"]
-            .clone()
-    };
+    let sentences = |n: &str| eval_json("2", "1", &["--sentences", n])["sentences"].clone();
     assert_eq!(sentences("5"), 5);
     assert_eq!(sentences("1000"), 20);
     run(&["eval", c, "--sentences", "0"], None).fails_with("--sentences must be at least 1");
