@@ -74,14 +74,15 @@ impl Tenths {
     /// The line to print now that `done` units are finished, if a new tenth was passed; none at
     /// zero, which restarts the clock.
     pub fn update(&mut self, done: u64) -> Option<String> {
-        self.line_at(done, self.start.elapsed())
-    }
-
-    fn line_at(&mut self, done: u64, elapsed: Duration) -> Option<String> {
         if done == 0 {
             self.start = Instant::now();
             return None;
         }
+        self.line_at(done, self.start.elapsed())
+    }
+
+    /// `update` at a given elapsed time, so that the lines can be tested without waiting.
+    fn line_at(&mut self, done: u64, elapsed: Duration) -> Option<String> {
         let tenth = tenths_done(done, self.total);
         if tenth <= self.shown {
             return None;
