@@ -13,7 +13,7 @@
 # A GPU machine whose PyTorch is not 2.13 needs a binary built against its libtorch: the tch
 # release for that version (0.24 for 2.11) in Cargo.toml, LIBTORCH=<its torch dir> at build time,
 # and LD_LIBRARY_PATH=<its torch/lib> at run time; the source compiles unchanged (done for the
-# results of 2026-11-26: H200, torch 2.11.0+cu130).
+# results of 2026-11-26 and 2026-11-27: H100 and H200, torch 2.11.0+cu130).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-20}"
