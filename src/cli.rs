@@ -202,6 +202,12 @@ pub struct TrainArgs {
     /// Dropout on the decoder's LSTM output [default: 0.1; 0.3 with --preset ptb].
     #[arg(long)]
     pub out_dropout: Option<f64>,
+    /// DropConnect on the decoder LSTM's recurrent (hidden-to-hidden) weights, training only
+    /// (Merity et al. 2017's weight drop): each step zeroes this share of them, one mask for the
+    /// whole batch and every time step. Regularises what the two dropouts above cannot reach;
+    /// on a GPU the LSTM then runs on weights cuDNN copies each step [default: 0].
+    #[arg(long)]
+    pub weight_drop: Option<f64>,
     /// Share the decoder's embedding matrix with its output projection, which the encoder
     /// then reads too (needs emb = hidden dim) [default: true while --emb-dim equals
     /// --hidden-dim; `--tie-embeddings false` unties].
@@ -312,6 +318,7 @@ impl TrainArgs {
         set(&mut m.kernel_widths, self.kernel_widths.clone());
         set(&mut m.emb_dropout, self.emb_dropout);
         set(&mut m.out_dropout, self.out_dropout);
+        set(&mut m.weight_drop, self.weight_drop);
         set(&mut m.tie_embeddings, self.tie_embeddings);
         set(&mut m.bn_gamma, self.bn_gamma);
         set(&mut m.share_embeddings, self.share_embeddings);
@@ -1178,6 +1185,7 @@ mod tests {
                 "out-dropout",
                 both(m.out_dropout.to_string(), ptb.model.out_dropout.to_string()),
             ),
+            ("weight-drop", format!("[default: {}]", m.weight_drop)),
         ] {
             let text = block(flag);
             assert!(

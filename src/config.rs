@@ -46,6 +46,12 @@ pub struct ModelConfig {
     /// embeddings that every position trains. A checkpoint without the field predates it.
     #[serde(default)]
     pub skip_hidden: bool,
+    /// DropConnect on the decoder LSTM's hidden-to-hidden weights (Merity et al. 2017's weight
+    /// drop; training only): one mask per step, shared by the batch and every time step, so it
+    /// regularises the recurrence itself, which input and output dropout do not reach. A
+    /// checkpoint without the field predates it and has none.
+    #[serde(default)]
+    pub weight_drop: f64,
 }
 
 impl Default for ModelConfig {
@@ -70,6 +76,7 @@ impl Default for ModelConfig {
             share_embeddings: true,
             z_skip: true,
             skip_hidden: true,
+            weight_drop: 0.0,
         }
     }
 }
@@ -168,6 +175,7 @@ impl ModelConfig {
         for (name, p) in [
             ("--emb-dropout", self.emb_dropout),
             ("--out-dropout", self.out_dropout),
+            ("--weight-drop", self.weight_drop),
         ] {
             ensure!((0.0..1.0).contains(&p), "{name} must be in [0, 1), got {p}");
         }

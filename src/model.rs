@@ -209,6 +209,7 @@ pub struct Decoder {
     hidden_dim: i64,
     emb_dropout: f64,
     out_dropout: f64,
+    weight_drop: f64,
 }
 
 impl Decoder {
@@ -263,6 +264,7 @@ impl Decoder {
             hidden_dim: cfg.hidden_dim,
             emb_dropout: cfg.emb_dropout,
             out_dropout: cfg.out_dropout,
+            weight_drop: cfg.weight_drop,
         }
     }
 
@@ -310,18 +312,52 @@ impl Decoder {
         // buffer cuDNN wants. Weights cast per call are separate tensors: cuDNN then warns and
         // compacts them on every call, and on an H100 (bench/results/gpu-20261126T1722Z.md)
         // bf16 training with that was 12% slower than float32 at batch 128 and level at 512.
-        let out = if kind == Kind::Float || x.device().is_cuda() {
+        let kind = if x.device().is_cuda() {
+            Kind::Float
+        } else {
+            kind
+        };
+        let weight_drop = if train { self.weight_drop } else { 0.0 };
+        let out = if kind == Kind::Float && weight_drop == 0.0 {
             self.lstm.seq_init(&x, &state).0
         } else {
-            let nn::LSTMState((h, c)) = state;
-            let ws: Vec<Tensor> = self.lstm_weights.iter().map(|w| w.to_kind(kind)).collect();
-            let hc = [h.to_kind(kind), c.to_kind(kind)];
-            let (out, _, _) =
-                x.to_kind(kind)
-                    .lstm(&hc, &ws, true, self.num_layers, 0.0, train, false, true);
-            out.to_kind(Kind::Float) // [B, T, H]
+            self.lstm_on_weights(&x, state, kind, weight_drop, train)
         };
         out.dropout(self.out_dropout, train)
+    }
+
+    /// The LSTM run on its weights gathered from the VarStore, cast to `kind`, with a share
+    /// `weight_drop` of each layer's hidden-to-hidden weights zeroed (and the rest scaled by
+    /// 1 / (1 - weight_drop)) — one mask per call, so every sentence of the batch and every time
+    /// step sees the same recurrence. The casts and the mask are differentiable: the gradients
+    /// reach the float32 variables. Returns [B, T, H] in float32.
+    fn lstm_on_weights(
+        &self,
+        x: &Tensor,
+        state: nn::LSTMState,
+        kind: Kind,
+        weight_drop: f64,
+        train: bool,
+    ) -> Tensor {
+        let nn::LSTMState((h, c)) = state;
+        let ws: Vec<Tensor> = self
+            .lstm_weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                // Per layer: w_ih, w_hh, b_ih, b_hh.
+                if i % 4 == 1 && weight_drop > 0.0 {
+                    w.dropout(weight_drop, true).to_kind(kind)
+                } else {
+                    w.to_kind(kind)
+                }
+            })
+            .collect();
+        let hc = [h.to_kind(kind), c.to_kind(kind)];
+        let (out, _, _) =
+            x.to_kind(kind)
+                .lstm(&hc, &ws, true, self.num_layers, 0.0, train, false, true);
+        out.to_kind(Kind::Float) // [B, T, H]
     }
 
     /// Vocabulary logits from hidden states [..., H] -> [..., V], with z's skip term `skip`
@@ -583,6 +619,7 @@ mod tests {
             share_embeddings: false,
             z_skip: true,
             skip_hidden: false,
+            weight_drop: 0.0,
         }
     }
 
@@ -724,6 +761,45 @@ mod tests {
             reached >= 8 + 3,
             "lstm and convolution weights reached: {reached}"
         );
+    }
+
+    /// Weight drop masks the recurrent weights, not the activations: two copies of a sentence in
+    /// one batch get the same hidden states under it, two training passes differ, evaluation
+    /// passes are untouched, and every LSTM weight still gets a gradient.
+    #[test]
+    fn weight_drop_shares_one_mask_per_pass_and_only_while_training() {
+        let _rng = crate::seeded(5);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = ModelConfig {
+            emb_dropout: 0.0,
+            out_dropout: 0.0,
+            weight_drop: 0.5,
+            ..tiny()
+        };
+        let vae = Vae::new(vs.root(), &cfg);
+        let inputs = Tensor::from_slice(&[5i64, 6, 7, 8, 5, 6, 7, 8]).view([2, 4]); // [B, T]
+        let z = Tensor::from_slice(&[0.3f32, -0.2, 0.1, 0.4])
+            .view([1, 4])
+            .repeat([2, 1]); // [B, Z]
+        let dec = &vae.decoder;
+        let train_a = dec.hidden(&inputs, &z, true);
+        let train_b = dec.hidden(&inputs, &z, true);
+        let eval = dec.hidden(&inputs, &z, false);
+        assert!(train_a.get(0).allclose(&train_a.get(1), 1e-6, 1e-6, false));
+        assert!(!train_a.allclose(&train_b, 1e-4, 1e-4, false));
+        assert!(!train_a.allclose(&eval, 1e-4, 1e-4, false));
+        // Evaluation runs tch's own layer; the gathered weights with nothing dropped agree.
+        let x = dec.embed_with_z(&inputs, &z, false); // [B, T, E + Z]
+        let gathered = dec.lstm_on_weights(&x, dec.init_state(&z), Kind::Float, 0.0, false);
+        assert!(eval.allclose(&gathered, 1e-5, 1e-5, false));
+        train_a.sum(Kind::Float).backward();
+        for (i, w) in dec.lstm_weights.iter().enumerate() {
+            let g = w.grad();
+            assert!(
+                g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+                "weight {i}"
+            );
+        }
     }
 
     #[test]
