@@ -312,6 +312,8 @@ impl Decoder {
         // buffer cuDNN wants. Weights cast per call are separate tensors: cuDNN then warns and
         // compacts them on every call, and on an H100 (bench/results/gpu-20261126T1722Z.md)
         // bf16 training with that was 12% slower than float32 at batch 128 and level at 512.
+        // So a GPU keeps float32 and leaves tch's layer only under weight drop, whose masked
+        // weights are new tensors every step whatever is done.
         let kind = if x.device().is_cuda() {
             Kind::Float
         } else {
