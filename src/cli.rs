@@ -208,6 +208,11 @@ pub struct TrainArgs {
     /// on a GPU the LSTM then runs on weights cuDNN copies each step [default: 0].
     #[arg(long)]
     pub weight_drop: Option<f64>,
+    /// Dropout between stacked decoder LSTM layers (with --num-layers 2 or more), training
+    /// only; like --weight-drop it runs the LSTM on weights gathered per step (on a GPU, copied
+    /// by cuDNN each step) [default: 0].
+    #[arg(long)]
+    pub layer_dropout: Option<f64>,
     /// Share the decoder's embedding matrix with its output projection, which the encoder
     /// then reads too (needs emb = hidden dim) [default: true while --emb-dim equals
     /// --hidden-dim; `--tie-embeddings false` unties].
@@ -319,6 +324,7 @@ impl TrainArgs {
         set(&mut m.emb_dropout, self.emb_dropout);
         set(&mut m.out_dropout, self.out_dropout);
         set(&mut m.weight_drop, self.weight_drop);
+        set(&mut m.layer_dropout, self.layer_dropout);
         set(&mut m.tie_embeddings, self.tie_embeddings);
         set(&mut m.bn_gamma, self.bn_gamma);
         set(&mut m.share_embeddings, self.share_embeddings);
@@ -1186,6 +1192,7 @@ mod tests {
                 both(m.out_dropout.to_string(), ptb.model.out_dropout.to_string()),
             ),
             ("weight-drop", format!("[default: {}]", m.weight_drop)),
+            ("layer-dropout", format!("[default: {}]", m.layer_dropout)),
         ] {
             let text = block(flag);
             assert!(

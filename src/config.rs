@@ -52,6 +52,11 @@ pub struct ModelConfig {
     /// checkpoint without the field predates it and has none.
     #[serde(default)]
     pub weight_drop: f64,
+    /// Dropout between stacked decoder LSTM layers (training only; Zaremba et al. 2014 drop
+    /// every non-recurrent connection, and with two or more layers this is the one the embedding
+    /// and output dropouts leave out). A checkpoint without the field predates it and has none.
+    #[serde(default)]
+    pub layer_dropout: f64,
 }
 
 impl Default for ModelConfig {
@@ -77,6 +82,7 @@ impl Default for ModelConfig {
             z_skip: true,
             skip_hidden: true,
             weight_drop: 0.0,
+            layer_dropout: 0.0,
         }
     }
 }
@@ -176,6 +182,7 @@ impl ModelConfig {
             ("--emb-dropout", self.emb_dropout),
             ("--out-dropout", self.out_dropout),
             ("--weight-drop", self.weight_drop),
+            ("--layer-dropout", self.layer_dropout),
         ] {
             ensure!((0.0..1.0).contains(&p), "{name} must be in [0, 1), got {p}");
         }

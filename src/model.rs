@@ -193,6 +193,13 @@ fn z_skip_path(p: &nn::Path, cfg: &ModelConfig) -> ZSkip {
     }
 }
 
+/// The training-time dropouts of the decoder LSTM that its own layer cannot apply.
+#[derive(Clone, Copy, Debug, Default)]
+struct LstmDrops {
+    weight_drop: f64,
+    layer_dropout: f64,
+}
+
 pub struct Decoder {
     emb: nn::Embedding,
     init: nn::Linear,
@@ -210,6 +217,7 @@ pub struct Decoder {
     emb_dropout: f64,
     out_dropout: f64,
     weight_drop: f64,
+    layer_dropout: f64,
 }
 
 impl Decoder {
@@ -265,6 +273,7 @@ impl Decoder {
             emb_dropout: cfg.emb_dropout,
             out_dropout: cfg.out_dropout,
             weight_drop: cfg.weight_drop,
+            layer_dropout: cfg.layer_dropout,
         }
     }
 
@@ -313,34 +322,50 @@ impl Decoder {
         // compacts them on every call, and on an H100 (bench/results/gpu-20261126T1722Z.md)
         // bf16 training with that was 12% slower than float32 at batch 128 and level at 512.
         // So a GPU keeps float32 and leaves tch's layer only under weight drop, whose masked
-        // weights are new tensors every step whatever is done.
+        // weights are new tensors every step whatever is done, or under dropout between layers,
+        // which tch's layer fixes when it is built (and would then apply while generating).
         let kind = if x.device().is_cuda() {
             Kind::Float
         } else {
             kind
         };
-        let weight_drop = if train { self.weight_drop } else { 0.0 };
-        let out = if kind == Kind::Float && weight_drop == 0.0 {
+        let (weight_drop, layer_dropout) = match (train, self.num_layers > 1) {
+            (false, _) => (0.0, 0.0),
+            (true, stacked) => (
+                self.weight_drop,
+                if stacked { self.layer_dropout } else { 0.0 },
+            ),
+        };
+        let out = if kind == Kind::Float && weight_drop == 0.0 && layer_dropout == 0.0 {
             self.lstm.seq_init(&x, &state).0
         } else {
-            self.lstm_on_weights(&x, state, kind, weight_drop, train)
+            let drops = LstmDrops {
+                weight_drop,
+                layer_dropout,
+            };
+            self.lstm_on_weights(&x, state, kind, drops, train)
         };
         out.dropout(self.out_dropout, train)
     }
 
     /// The LSTM run on its weights gathered from the VarStore, cast to `kind`, with a share
-    /// `weight_drop` of each layer's hidden-to-hidden weights zeroed (and the rest scaled by
-    /// 1 / (1 - weight_drop)) — one mask per call, so every sentence of the batch and every time
-    /// step sees the same recurrence. The casts and the mask are differentiable: the gradients
-    /// reach the float32 variables. Returns [B, T, H] in float32.
+    /// `drops.weight_drop` of each layer's hidden-to-hidden weights zeroed (and the rest scaled
+    /// by 1 / (1 - weight_drop)) — one mask per call, so every sentence of the batch and every
+    /// time step sees the same recurrence — and `drops.layer_dropout` on the outputs of every
+    /// layer but the last. The casts and the mask are differentiable: the gradients reach the
+    /// float32 variables. Returns [B, T, H] in float32.
     fn lstm_on_weights(
         &self,
         x: &Tensor,
         state: nn::LSTMState,
         kind: Kind,
-        weight_drop: f64,
+        drops: LstmDrops,
         train: bool,
     ) -> Tensor {
+        let LstmDrops {
+            weight_drop,
+            layer_dropout,
+        } = drops;
         let nn::LSTMState((h, c)) = state;
         let ws: Vec<Tensor> = self
             .lstm_weights
@@ -356,9 +381,16 @@ impl Decoder {
             })
             .collect();
         let hc = [h.to_kind(kind), c.to_kind(kind)];
-        let (out, _, _) =
-            x.to_kind(kind)
-                .lstm(&hc, &ws, true, self.num_layers, 0.0, train, false, true);
+        let (out, _, _) = x.to_kind(kind).lstm(
+            &hc,
+            &ws,
+            true,
+            self.num_layers,
+            layer_dropout,
+            train,
+            false,
+            true,
+        );
         out.to_kind(Kind::Float) // [B, T, H]
     }
 
@@ -622,6 +654,7 @@ mod tests {
             z_skip: true,
             skip_hidden: false,
             weight_drop: 0.0,
+            layer_dropout: 0.0,
         }
     }
 
@@ -792,7 +825,8 @@ mod tests {
         assert!(!train_a.allclose(&eval, 1e-4, 1e-4, false));
         // Evaluation runs tch's own layer; the gathered weights with nothing dropped agree.
         let x = dec.embed_with_z(&inputs, &z, false); // [B, T, E + Z]
-        let gathered = dec.lstm_on_weights(&x, dec.init_state(&z), Kind::Float, 0.0, false);
+        let none = LstmDrops::default();
+        let gathered = dec.lstm_on_weights(&x, dec.init_state(&z), Kind::Float, none, false);
         assert!(eval.allclose(&gathered, 1e-5, 1e-5, false));
         train_a.sum(Kind::Float).backward();
         for (i, w) in dec.lstm_weights.iter().enumerate() {
@@ -801,6 +835,37 @@ mod tests {
                 g.defined() && g.abs().sum(Kind::Float).double_value(&[]) > 0.0,
                 "weight {i}"
             );
+        }
+    }
+
+    /// Dropout between layers acts only while training and only between stacked layers: a
+    /// one-layer decoder trains as if it were off, a two-layer one draws a new mask per pass
+    /// and evaluates untouched.
+    #[test]
+    fn layer_dropout_acts_between_stacked_layers_only_while_training() {
+        let inputs = Tensor::from_slice(&[5i64, 6, 7, 8, 9, 6, 7, 8]).view([2, 4]); // [B, T]
+        let z = Tensor::from_slice(&[0.3f32, -0.2, 0.1, 0.4, 0.0, 0.2, -0.1, 0.5]).view([2, 4]); // [B, Z]
+        for num_layers in [1, 2] {
+            let _rng = crate::seeded(6);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let cfg = ModelConfig {
+                emb_dropout: 0.0,
+                out_dropout: 0.0,
+                layer_dropout: 0.5,
+                num_layers,
+                ..tiny()
+            };
+            let dec = Vae::new(vs.root(), &cfg).decoder;
+            let train_a = dec.hidden(&inputs, &z, true);
+            let train_b = dec.hidden(&inputs, &z, true);
+            let eval = dec.hidden(&inputs, &z, false);
+            let drops = num_layers > 1;
+            assert_eq!(!train_a.allclose(&train_b, 1e-5, 1e-5, false), drops);
+            assert_eq!(!train_a.allclose(&eval, 1e-5, 1e-5, false), drops);
+            let x = dec.embed_with_z(&inputs, &z, false); // [B, T, E + Z]
+            let none = LstmDrops::default();
+            let plain = dec.lstm_on_weights(&x, dec.init_state(&z), Kind::Float, none, false);
+            assert!(eval.allclose(&plain, 1e-5, 1e-5, false));
         }
     }
 
