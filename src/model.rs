@@ -200,6 +200,12 @@ struct LstmDrops {
     layer_dropout: f64,
 }
 
+impl LstmDrops {
+    fn is_none(&self) -> bool {
+        self.weight_drop == 0.0 && self.layer_dropout == 0.0
+    }
+}
+
 pub struct Decoder {
     emb: nn::Embedding,
     init: nn::Linear,
@@ -329,23 +335,29 @@ impl Decoder {
         } else {
             kind
         };
-        let (weight_drop, layer_dropout) = match (train, self.num_layers > 1) {
-            (false, _) => (0.0, 0.0),
-            (true, stacked) => (
-                self.weight_drop,
-                if stacked { self.layer_dropout } else { 0.0 },
-            ),
-        };
-        let out = if kind == Kind::Float && weight_drop == 0.0 && layer_dropout == 0.0 {
+        let drops = self.drops(train);
+        let out = if kind == Kind::Float && drops.is_none() {
             self.lstm.seq_init(&x, &state).0
         } else {
-            let drops = LstmDrops {
-                weight_drop,
-                layer_dropout,
-            };
             self.lstm_on_weights(&x, state, kind, drops, train)
         };
         out.dropout(self.out_dropout, train)
+    }
+
+    /// The LSTM's dropouts in a pass: none outside training, none between layers when there is
+    /// one layer.
+    fn drops(&self, train: bool) -> LstmDrops {
+        if !train {
+            return LstmDrops::default();
+        }
+        LstmDrops {
+            weight_drop: self.weight_drop,
+            layer_dropout: if self.num_layers > 1 {
+                self.layer_dropout
+            } else {
+                0.0
+            },
+        }
     }
 
     /// The LSTM run on its weights gathered from the VarStore, cast to `kind`, with a share
