@@ -12,7 +12,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::checkpoint;
 use crate::config::{
-    KlSchedule, LrSchedule, ModelConfig, Precision, Preset, Recipe, Selection, TrainConfig,
+    DropoutMask, KlSchedule, LrSchedule, ModelConfig, Precision, Preset, Recipe, Selection,
+    TrainConfig,
 };
 use crate::data::{self, Corpus};
 use crate::eval;
@@ -213,6 +214,11 @@ pub struct TrainArgs {
     /// by cuDNN each step) [default: 0].
     #[arg(long)]
     pub layer_dropout: Option<f64>,
+    /// How --emb-dropout and --out-dropout draw their masks: `token`, fresh at every position,
+    /// or `sentence`, one mask per sentence shared by every time step (Gal & Ghahramani 2016's
+    /// variational dropout) [default: token].
+    #[arg(long, value_enum)]
+    pub dropout_mask: Option<DropoutMask>,
     /// Share the decoder's embedding matrix with its output projection, which the encoder
     /// then reads too (needs emb = hidden dim) [default: true while --emb-dim equals
     /// --hidden-dim; `--tie-embeddings false` unties].
@@ -325,6 +331,7 @@ impl TrainArgs {
         set(&mut m.out_dropout, self.out_dropout);
         set(&mut m.weight_drop, self.weight_drop);
         set(&mut m.layer_dropout, self.layer_dropout);
+        set(&mut m.dropout_mask, self.dropout_mask);
         set(&mut m.tie_embeddings, self.tie_embeddings);
         set(&mut m.bn_gamma, self.bn_gamma);
         set(&mut m.share_embeddings, self.share_embeddings);

@@ -57,6 +57,23 @@ pub struct ModelConfig {
     /// and output dropouts leave out). A checkpoint without the field predates it and has none.
     #[serde(default)]
     pub layer_dropout: f64,
+    /// How the embedding and output dropouts draw their masks: per token, or one per sentence
+    /// shared by every time step. A checkpoint without the field predates it: per token.
+    #[serde(default)]
+    pub dropout_mask: DropoutMask,
+}
+
+/// How the decoder's embedding and output dropouts draw their masks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DropoutMask {
+    /// A fresh mask at every position (Zaremba et al. 2014).
+    #[default]
+    Token,
+    /// One mask per sentence, the same at every time step (Gal & Ghahramani 2016's variational
+    /// dropout, Merity et al. 2017's locked dropout): a dropped unit stays dropped for the
+    /// whole sentence, so the LSTM cannot recover it from the neighbouring positions.
+    Sentence,
 }
 
 impl Default for ModelConfig {
@@ -83,6 +100,7 @@ impl Default for ModelConfig {
             skip_hidden: true,
             weight_drop: 0.0,
             layer_dropout: 0.0,
+            dropout_mask: DropoutMask::Token,
         }
     }
 }

@@ -9,7 +9,7 @@
 use tch::nn::{self, Module, ModuleT, RNN};
 use tch::{Kind, Tensor};
 
-use crate::config::ModelConfig;
+use crate::config::{DropoutMask, ModelConfig};
 use crate::data::{Batch, RealTokens};
 use crate::tokenizer::PAD;
 
@@ -224,6 +224,7 @@ pub struct Decoder {
     out_dropout: f64,
     weight_drop: f64,
     layer_dropout: f64,
+    dropout_mask: DropoutMask,
 }
 
 impl Decoder {
@@ -280,6 +281,7 @@ impl Decoder {
             out_dropout: cfg.out_dropout,
             weight_drop: cfg.weight_drop,
             layer_dropout: cfg.layer_dropout,
+            dropout_mask: cfg.dropout_mask,
         }
     }
 
@@ -305,7 +307,8 @@ impl Decoder {
     }
 
     fn embed_with_z(&self, tokens: &Tensor, z: &Tensor, train: bool) -> Tensor {
-        let e = self.emb.forward(tokens).dropout(self.emb_dropout, train); // [B, T, E]
+        let e = self.emb.forward(tokens); // [B, T, E]
+        let e = sequence_dropout(e, self.emb_dropout, self.dropout_mask, train);
         let t = tokens.size()[1];
         let zt = z.unsqueeze(1).expand([-1, t, -1], false); // [B, T, Z]
         Tensor::cat(&[e, zt], 2) // [B, T, E + Z]
@@ -341,7 +344,7 @@ impl Decoder {
         } else {
             self.lstm_on_weights(&x, state, kind, drops, train)
         };
-        out.dropout(self.out_dropout, train)
+        sequence_dropout(out, self.out_dropout, self.dropout_mask, train)
     }
 
     /// The LSTM's dropouts in a pass: none outside training, none between layers when there is
@@ -466,6 +469,23 @@ impl Decoder {
         let x = self.embed_with_z(&tokens.unsqueeze(1), z, false); // [B, 1, E + Z]
         let (out, state) = self.lstm.seq_init(&x, state); // [B, 1, H]
         (self.project(&out.squeeze_dim(1), skip), state)
+    }
+}
+
+/// Dropout with probability `p` on `x` [B, T, D] while training: a fresh mask at every
+/// position, or (`DropoutMask::Sentence`) one [B, 1, D] mask that every time step shares.
+fn sequence_dropout(x: Tensor, p: f64, mask: DropoutMask, train: bool) -> Tensor {
+    if !train || p == 0.0 {
+        return x;
+    }
+    match mask {
+        DropoutMask::Token => x.dropout(p, true),
+        DropoutMask::Sentence => {
+            let (b, d) = (x.size()[0], x.size()[2]);
+            // Entries 0 or 1 / (1 - p), as dropout scales what it keeps.
+            let keep = Tensor::ones([b, 1, d], (x.kind(), x.device())).dropout(p, true); // [B, 1, D]
+            x * keep
+        }
     }
 }
 
@@ -667,6 +687,7 @@ mod tests {
             skip_hidden: false,
             weight_drop: 0.0,
             layer_dropout: 0.0,
+            dropout_mask: DropoutMask::Token,
         }
     }
 
@@ -878,6 +899,27 @@ mod tests {
             let none = LstmDrops::default();
             let plain = dec.lstm_on_weights(&x, dec.init_state(&z), Kind::Float, none, false);
             assert!(eval.allclose(&plain, 1e-5, 1e-5, false));
+        }
+    }
+
+    /// A sentence mask keeps or drops a unit for every time step of a sentence, a token mask
+    /// draws per position; both keep about 1 - p of the units, scaled by 1 / (1 - p), and
+    /// neither acts outside training.
+    #[test]
+    fn sentence_dropout_masks_are_shared_over_time() {
+        let _rng = crate::seeded(3);
+        let x = Tensor::ones([8, 12, 64], (Kind::Float, Device::Cpu)); // [B, T, D]
+        for mask in [DropoutMask::Token, DropoutMask::Sentence] {
+            let y = sequence_dropout(x.shallow_clone(), 0.5, mask, true); // [B, T, D]
+            let kept = y.ne(0.0).to_kind(Kind::Float);
+            let share = kept.mean(Kind::Float).double_value(&[]);
+            assert!((share - 0.5).abs() < 0.05, "{mask:?} kept {share}");
+            assert!(y.eq(0.0).logical_or(&y.eq(2.0)).all().int64_value(&[]) == 1);
+            // Over time, a unit's mask varies only when drawn per token.
+            let varies = kept.std_dim([1].as_slice(), false, false).gt(0.0).any();
+            assert_eq!(varies.int64_value(&[]) == 1, mask == DropoutMask::Token);
+            let eval = sequence_dropout(x.shallow_clone(), 0.5, mask, false);
+            assert!(eval.equal(&x));
         }
     }
 
