@@ -2,8 +2,9 @@
 //! `LD_LIBRARY_PATH`, and passes that directory to the crate (`TEXTVAE_LIBTORCH_LIB`): the binary
 //! is not linked against `libtorch_cuda`, which `runtime::load_cuda` loads at start-up where an
 //! NVIDIA driver exists (linked, it cost every command on a CPU-only machine 0.15 s and 265 MiB).
-//! Also compiles `src/fused_adam.cpp` (libtorch's fused Adam, which tch does not wrap) against
-//! the headers beside that directory.
+//! Also compiles the C++ side against the headers beside that directory: `src/fused_adam.cpp`
+//! (libtorch's fused Adam, which tch does not wrap) and `src/token_nll.cpp` (the output layer's
+//! token NLL in one pass).
 use std::path::Path;
 
 fn main() {
@@ -11,11 +12,11 @@ fn main() {
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         panic!(
             "DEP_TCH_LIBTORCH_LIB not set by torch-sys: libtorch's headers are needed for \
-             src/fused_adam.cpp (build through scripts/ or set LIBTORCH_USE_PYTORCH=1 with the \
+             the C++ side (build through scripts/ or set LIBTORCH_USE_PYTORCH=1 with the \
              torch venv active)"
         );
     };
-    compile_fused_adam(Path::new(&lib));
+    compile_cpp(Path::new(&lib));
     println!("cargo:rustc-env=TEXTVAE_LIBTORCH_LIB={lib}");
     println!(
         "cargo:rustc-env=TEXTVAE_LIBTORCH_VERSION={}",
@@ -24,27 +25,70 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
 }
 
-/// Builds `src/fused_adam.cpp` as a static library linked into the crate. The headers sit beside
-/// the library directory in both layouts (a PyTorch install's `torch/include`, a standalone
-/// libtorch's `include`); the C++ ABI follows torch-sys's `LIBTORCH_CXX11_ABI` (default 1, what
-/// PyTorch's wheels use since 2.7).
-fn compile_fused_adam(lib: &Path) {
-    println!("cargo:rerun-if-changed=src/fused_adam.cpp");
+/// Builds the C++ side (`src/fused_adam.cpp`, `src/token_nll.cpp`) as a static library linked
+/// into the crate, and on x86-64 the token NLL's row loop once per instruction set libtorch
+/// dispatches its own kernels to (the flags ATen builds its AVX2 and AVX512 kernels with). The
+/// headers sit beside the library directory in both layouts (a PyTorch install's
+/// `torch/include`, a standalone libtorch's `include`); the C++ ABI follows torch-sys's
+/// `LIBTORCH_CXX11_ABI` (default 1, what PyTorch's wheels use since 2.7).
+fn compile_cpp(lib: &Path) {
+    for f in [
+        "src/fused_adam.cpp",
+        "src/token_nll.cpp",
+        "src/token_nll_kernel.cpp",
+        "src/ffi_message.h",
+    ] {
+        println!("cargo:rerun-if-changed={f}");
+    }
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let include = lib
         .parent()
         .map(|root| root.join("include"))
         .unwrap_or_default();
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .include(&include)
-        .flag("-std=c++17")
-        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        .file("src/fused_adam.cpp")
-        .compile("textvae_fused_adam");
+    let build = || {
+        let mut b = cc::Build::new();
+        b.cpp(true)
+            .pic(true)
+            .warnings(false)
+            .include(&include)
+            .flag("-std=c++17")
+            .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"));
+        b
+    };
+    let x86 = std::env::var("CARGO_CFG_TARGET_ARCH").is_ok_and(|a| a == "x86_64");
+    // The dispatcher first: a static library is searched for the symbols of those before it.
+    let mut b = build();
+    if x86 {
+        b.define("TEXTVAE_X86_KERNELS", None);
+    }
+    b.file("src/fused_adam.cpp")
+        .file("src/token_nll.cpp")
+        .compile("textvae_cpp");
+    if x86 {
+        for (capability, flags) in [
+            ("AVX2", &["-mavx2", "-mfma", "-mf16c"][..]),
+            (
+                "AVX512",
+                &[
+                    "-mavx512f",
+                    "-mavx512bw",
+                    "-mavx512vl",
+                    "-mavx512dq",
+                    "-mfma",
+                ][..],
+            ),
+        ] {
+            let mut b = build();
+            b.define("CPU_CAPABILITY", capability)
+                .define(&format!("CPU_CAPABILITY_{capability}"), None)
+                .file("src/token_nll_kernel.cpp");
+            for f in flags {
+                b.flag(*f);
+            }
+            b.compile(&format!("textvae_token_nll_{}", capability.to_lowercase()));
+        }
+    }
 }
 
 /// Reads the version from the PyTorch install (`torch/version.py` beside `torch/lib`) or a

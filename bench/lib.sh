@@ -18,3 +18,14 @@ find_ptb() {
     [ -f "$ptb/$f" ] || { echo "bench/$script: $ptb/$f not found (set PTB_DIR)" >&2; exit 1; }
   done
 }
+
+# `build_base COMMIT DIR`: textvae of COMMIT built in a worktree at DIR (once; a few minutes),
+# for the scripts that run an earlier build beside this one.
+build_base() {
+  local commit=$1 wt=$2
+  if [ ! -x "$wt/target/release/textvae" ] || [ "$(git -C "$wt" rev-parse HEAD 2>/dev/null)" != "$(git rev-parse "$commit")" ]; then
+    rm -rf "$wt"; git worktree prune
+    git worktree add --detach "$wt" "$commit" >/dev/null
+    (cd "$wt" && cargo build --release --locked >&2)
+  fi
+}

@@ -16,11 +16,7 @@ base="${3:-2892887}"
 source bench/lib.sh
 need_ptb ttq.sh ptb.train.txt ptb.valid.txt
 wt="target/ttq-base"
-if [ ! -x "$wt/target/release/textvae" ] || [ "$(git -C "$wt" rev-parse HEAD 2>/dev/null)" != "$(git rev-parse "$base")" ]; then
-  rm -rf "$wt"; git worktree prune
-  git worktree add --detach "$wt" "$base" >/dev/null
-  (cd "$wt" && cargo build --release --locked >&2)
-fi
+build_base "$base" "$wt"
 stamp=$(date -u +%Y%m%dT%H%MZ)
 runs="checkpoints/ttq-$stamp"
 mkdir -p "$runs"

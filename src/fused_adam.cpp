@@ -14,9 +14,10 @@
 
 #include <cstddef>
 #include <cstdlib>
-#include <cstring>
 #include <exception>
 #include <vector>
+
+#include "ffi_message.h"
 
 namespace {
 
@@ -25,15 +26,6 @@ std::vector<at::Tensor> gather(at::Tensor *const *ts, std::size_t n) {
   out.reserve(n);
   for (std::size_t i = 0; i < n; ++i) {
     out.push_back(*ts[i]);
-  }
-  return out;
-}
-
-char *copy_message(const char *msg) {
-  std::size_t len = std::strlen(msg) + 1;
-  char *out = static_cast<char *>(std::malloc(len));
-  if (out != nullptr) {
-    std::memcpy(out, msg, len);
   }
   return out;
 }
@@ -65,7 +57,7 @@ extern "C" char *textvae_fused_adam(at::Tensor *const *params, at::Tensor *const
                       /*maximize=*/false, *grad_scale, *found_inf);
     return nullptr;
   } catch (const std::exception &e) {
-    return copy_message(e.what());
+    return textvae_copy_message(e.what());
   }
 }
 

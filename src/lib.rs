@@ -11,6 +11,7 @@ pub mod files;
 pub mod latent;
 pub mod loss;
 pub mod model;
+pub mod native;
 pub mod optim;
 pub mod plot;
 pub mod progress;

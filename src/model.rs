@@ -11,6 +11,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::{DropoutMask, ModelConfig};
 use crate::data::{Batch, RealTokens};
+use crate::native;
 use crate::tokenizer::PAD;
 
 pub struct Encoder {
@@ -445,6 +446,60 @@ impl Decoder {
         }
     }
 
+    /// How [`Self::token_nll_with`] scores tokens through `weights` for `hidden`: in one pass over
+    /// the logits on a CPU with the kernel (`native`), with the gradient kept in that pass where
+    /// autograd records and one is asked of the output layer (training); libtorch's
+    /// cross-entropy elsewhere (GPUs) and with z's term on the logits (`--skip-hidden false`),
+    /// which is itself [R, V].
+    pub fn scoring(&self, hidden: &Tensor, weights: &(Tensor, Tensor)) -> Scoring {
+        if matches!(self.skip, Some(ZSkip::Logits(_)))
+            || !native::token_nll_runs_on(hidden.device())
+        {
+            Scoring::Libtorch
+        } else if native::grad_mode_enabled()
+            && (hidden.requires_grad() || weights.0.requires_grad())
+        {
+            Scoring::OnePassWithGrad
+        } else {
+            Scoring::OnePass
+        }
+    }
+
+    /// -log p(y | h) of each row: hidden states [R, H], the skip term `skip` ([R, H] or [R, V])
+    /// and targets [R] -> [R], as `scoring` ([`Self::scoring`]) says. In one pass the logits
+    /// stay the matrix product's [R, V], unbiased and in `weights`' number format, and the
+    /// kernel adds the float32 bias and takes the log-softmax at the target in float32;
+    /// otherwise libtorch's cross-entropy of [`Self::project_with`]'s float32 logits.
+    pub fn token_nll_with(
+        &self,
+        hidden: &Tensor,
+        skip: Option<&Tensor>,
+        weights: &(Tensor, Tensor),
+        targets: &Tensor,
+        scoring: Scoring,
+    ) -> Tensor {
+        let ws = &weights.0;
+        let h = || {
+            skip.map_or_else(|| hidden.shallow_clone(), |s| hidden + s)
+                .to_kind(ws.kind()) // [R, H]
+        };
+        // Shapes, kinds and ids are this crate's own (ids below the vocabulary the weights were
+        // built for), so a failure of the kernel is a bug, reported as tch reports its own.
+        let kernel = |r: anyhow::Result<Tensor>| r.unwrap_or_else(|e| panic!("{e:#}"));
+        match scoring {
+            Scoring::OnePass => {
+                let logits = h().matmul(&ws.tr()); // [R, V]
+                kernel(native::token_nll(&logits, &self.out_bs, targets))
+            }
+            Scoring::OnePassWithGrad => {
+                kernel(native::token_nll_grad(&h(), ws, &self.out_bs, targets))
+            }
+            Scoring::Libtorch => self
+                .project_with(hidden, skip, weights)
+                .cross_entropy_loss::<Tensor>(targets, None, tch::Reduction::None, -100, 0.0),
+        }
+    }
+
     /// z [B, Z] -> its term in every position's output layer through the skip path (Dieng et
     /// al. 2019's generative skip connection, at the output layer): [B, H] added to the LSTM
     /// output (`skip_hidden`) or [B, V] added to the logits. z speaks to the choice of words
@@ -470,6 +525,17 @@ impl Decoder {
         let (out, state) = self.lstm.seq_init(&x, state); // [B, 1, H]
         (self.project(&out.squeeze_dim(1), skip), state)
     }
+}
+
+/// How the output layer's token NLL is computed ([`Decoder::scoring`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scoring {
+    /// libtorch's ops: the logits in float32, then cross-entropy.
+    Libtorch,
+    /// The one-pass kernel, no gradient.
+    OnePass,
+    /// The one-pass kernel as an autograd function.
+    OnePassWithGrad,
 }
 
 /// Dropout with probability `p` on `x` [B, T, D] while training: a fresh mask at every
@@ -512,16 +578,16 @@ pub fn reconstruction_nll(
     let n = h.size()[0];
     let rows = rows_per_pass.unwrap_or(n).clamp(1, n.max(1));
     let weights = decoder.output_weights(kind);
+    let scoring = decoder.scoring(&h, &weights);
     let token_nll = |start: i64, len: i64| {
         let sentence = real.sentence.narrow(0, start, len); // [R]
         let skip = skip.as_ref().map(|s| s.index_select(0, &sentence)); // [R, H] or [R, V]
-        let logits = decoder.project_with(&h.narrow(0, start, len), skip.as_ref(), &weights); // [R, V]
-        logits.cross_entropy_loss::<Tensor>(
+        decoder.token_nll_with(
+            &h.narrow(0, start, len),
+            skip.as_ref(),
+            &weights,
             &y.narrow(0, start, len),
-            None,
-            tch::Reduction::None,
-            -100,
-            0.0,
+            scoring,
         ) // [R]
     };
     let nll = if rows >= n {
@@ -784,6 +850,71 @@ mod tests {
     /// within bfloat16's rounding, and every variable's gradient comes back in float32 pointing
     /// the same way — the LSTM's (run on weights gathered from the VarStore) and the
     /// convolutions' included. Two layers, so the gathered weights' order is tested too.
+    /// The one-pass output layer (`native`) scores and back-propagates as libtorch's
+    /// cross-entropy does, through z's skip path and tied embeddings to every variable it
+    /// reaches, with a different weight on every token's NLL; under no-grad it takes the
+    /// gradient-free pass with the same figures.
+    #[test]
+    fn the_one_pass_output_layer_gives_libtorchs_loss_and_gradients() {
+        if !native::token_nll_runs_on(Device::Cpu) {
+            return;
+        }
+        let _rng = crate::seeded(6);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = ModelConfig {
+            vocab_size: 300,
+            emb_dim: 16,
+            tie_embeddings: true,
+            skip_hidden: true,
+            ..tiny()
+        };
+        let vae = Vae::new(vs.root(), &cfg);
+        let seqs: Vec<Vec<u32>> = vec![vec![5, 60, 7, 280, 9], vec![12, 13], vec![99; 9]];
+        let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let batch = Batch::new(&rows, Device::Cpu);
+        let (mu, _) = vae.encoder.forward(&batch.targets, &batch.lengths, false); // [B, Z]
+        let hidden = vae.decoder.hidden(&batch.inputs, &mu, false); // [B, T, H]
+        let h = hidden
+            .reshape([-1, cfg.hidden_dim])
+            .index_select(0, &batch.real.idx); // [N, H]
+        let y = batch.targets.reshape([-1]).index_select(0, &batch.real.idx); // [N]
+        let skip = vae
+            .decoder
+            .z_skip(&mu)
+            .map(|s| s.index_select(0, &batch.real.sentence)); // [N, H]
+        let weights = vae.decoder.output_weights(Kind::Float);
+        assert_eq!(vae.decoder.scoring(&h, &weights), Scoring::OnePassWithGrad);
+        let token_weight = Tensor::rand([h.size()[0]], (Kind::Float, Device::Cpu)) + 0.5;
+        let vars: Vec<Tensor> = vs.trainable_variables();
+        let params: Vec<&Tensor> = vars.iter().collect();
+        let run = |scoring: Scoring| {
+            let nll = vae
+                .decoder
+                .token_nll_with(&h, skip.as_ref(), &weights, &y, scoring);
+            let loss = (&nll * &token_weight).sum(Kind::Float);
+            (nll, Tensor::run_backward(&[loss], &params, true, false))
+        };
+        let (ours, ours_grads) = run(Scoring::OnePassWithGrad);
+        let (want, want_grads) = run(Scoring::Libtorch);
+        assert!(ours.allclose(&want, 1e-5, 1e-5, false), "{ours:?} {want:?}");
+        let mut reached = 0;
+        for (g, r) in ours_grads.iter().zip(&want_grads) {
+            if r.defined() {
+                reached += 1;
+                assert!(g.allclose(r, 1e-4, 1e-6, false), "{g:?} {r:?}");
+            }
+        }
+        assert!(reached >= 8, "variables reached: {reached}");
+        tch::no_grad(|| {
+            let (h, skip) = (h.detach(), skip.as_ref().map(Tensor::detach));
+            assert_eq!(vae.decoder.scoring(&h, &weights), Scoring::OnePass);
+            let nll = vae
+                .decoder
+                .token_nll_with(&h, skip.as_ref(), &weights, &y, Scoring::OnePass);
+            assert!(nll.allclose(&want, 1e-5, 1e-5, false));
+        });
+    }
+
     #[test]
     fn a_bf16_training_pass_keeps_the_loss_and_float32_gradients_of_every_variable() {
         let _rng = crate::seeded(4);

@@ -8,7 +8,7 @@
 //! instead of restarting Adam's estimates from zero.
 
 use std::collections::HashMap;
-use std::ffi::{c_char, CStr};
+use std::ffi::c_char;
 
 use anyhow::{bail, ensure, Result};
 use tch::{nn, Device, Kind, Tensor};
@@ -38,7 +38,6 @@ extern "C" {
         grad_scale: *const C_tensor,
         found_inf: *const C_tensor,
     ) -> *mut c_char;
-    fn textvae_free_message(msg: *mut c_char);
 }
 
 pub struct Adam {
@@ -196,12 +195,8 @@ impl Adam {
                 ctl.skip.as_ptr(),
             )
         };
-        if !err.is_null() {
-            // SAFETY: a non-null return is a NUL-terminated message from malloc, ours to free.
-            let msg = unsafe { CStr::from_ptr(err) }
-                .to_string_lossy()
-                .into_owned();
-            unsafe { textvae_free_message(err) };
+        // SAFETY: `err` is what textvae_fused_adam returned, released once here.
+        if let Some(msg) = unsafe { crate::native::take_message(err) } {
             bail!("the fused Adam step failed: {msg}");
         }
         Ok(())

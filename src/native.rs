@@ -1,0 +1,233 @@
+//! The C++ side tch does not have (built by build.rs against libtorch's headers): error messages
+//! across the boundary, and the output layer's token NLL in one pass over the logits
+//! (src/token_nll.cpp). libtorch scores a token as a bias pass, a bfloat16-to-float32 copy, a
+//! log-softmax that writes all of [R, V] and a gather; the kernel reads each row of logits once
+//! (twice from cache) and writes one number, so where the matrix product is fast (bfloat16 on a
+//! CPU with AMX: 27 ms for 1,677 rows × 512 × 10,000 words, against 70 ms for those passes) the
+//! passes stop being most of an evaluation. Fused Adam's own binding lives in `optim`.
+
+use std::ffi::{c_char, c_int, CStr};
+
+use anyhow::{bail, Result};
+use tch::{Device, Kind, Tensor};
+use torch_sys::C_tensor;
+
+extern "C" {
+    fn textvae_token_nll_available() -> c_int;
+    fn textvae_grad_mode_enabled() -> c_int;
+    fn textvae_token_nll(
+        logits: *const C_tensor,
+        bias: *const C_tensor,
+        targets: *const C_tensor,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+    fn textvae_token_nll_grad(
+        h: *const C_tensor,
+        w: *const C_tensor,
+        bias: *const C_tensor,
+        targets: *const C_tensor,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+    fn textvae_free_message(msg: *mut c_char);
+}
+
+/// The message behind a C function's non-null error return, released; None for null.
+///
+/// # Safety
+/// `err` is null or a NUL-terminated string from the C side's `textvae_copy_message`, not yet
+/// released.
+pub unsafe fn take_message(err: *mut c_char) -> Option<String> {
+    if err.is_null() {
+        return None;
+    }
+    let msg = CStr::from_ptr(err).to_string_lossy().into_owned();
+    textvae_free_message(err);
+    Some(msg)
+}
+
+/// Whether [`token_nll`] runs for tensors on `device`: on the CPU where this build has a row loop
+/// for the instruction set libtorch dispatches to (AVX2 or AVX512 on x86-64); never on a GPU,
+/// where the log-softmax is one kernel among many that keep it busy.
+pub fn token_nll_runs_on(device: Device) -> bool {
+    // SAFETY: no arguments; the C side only reads libtorch's CPU capability.
+    device == Device::Cpu && unsafe { textvae_token_nll_available() } != 0
+}
+
+/// Whether autograd records operations on this thread now, i.e. not inside `tch::no_grad` (tch
+/// can set the mode but not read it).
+pub fn grad_mode_enabled() -> bool {
+    // SAFETY: no arguments; reads libtorch's thread-local grad mode.
+    unsafe { textvae_grad_mode_enabled() != 0 }
+}
+
+/// -log softmax(logits + bias)[targets] of each row, in float32: logits [R, V] (float32 or
+/// bfloat16), bias [V] float32, targets [R] int64 -> [R] float32. Not differentiable: for
+/// scoring under no-grad. Requires [`token_nll_runs_on`] the CPU.
+pub fn token_nll(logits: &Tensor, bias: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (bias, targets) = (bias.to_kind(Kind::Float), targets.to_kind(Kind::Int64));
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: every handle points to a live tensor borrowed for this call; the C side checks
+    // shapes, kinds and devices before it touches their data, and sets `out` only on success.
+    let err =
+        unsafe { textvae_token_nll(logits.as_ptr(), bias.as_ptr(), targets.as_ptr(), &mut out) };
+    // SAFETY: `err` and `out` are what the call returned, each taken once.
+    unsafe { returned("the token NLL kernel", err, out) }
+}
+
+/// The same NLL of hidden states `h` [R, H] through the output layer `w` [V, H] (both float32
+/// or both bfloat16: the matrix product's format) and `bias` [V] float32, differentiable with
+/// respect to all three: the forward pass keeps softmax - onehot in place of the logits, so
+/// the backward pass is one scaling of it and the two matrix products, not libtorch's passes
+/// back through the gather, the log-softmax and the number format's copy. Requires
+/// [`token_nll_runs_on`] the CPU.
+pub fn token_nll_grad(h: &Tensor, w: &Tensor, bias: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let targets = targets.to_kind(Kind::Int64);
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: as in `token_nll`.
+    let err = unsafe {
+        textvae_token_nll_grad(
+            h.as_ptr(),
+            w.as_ptr(),
+            bias.as_ptr(),
+            targets.as_ptr(),
+            &mut out,
+        )
+    };
+    // SAFETY: as in `token_nll`.
+    unsafe { returned("the token NLL kernel", err, out) }
+}
+
+/// The tensor a C function handed back through its `out` argument, or its error.
+///
+/// # Safety
+/// `err` is as for [`take_message`]; where it is null, `out` is a tensor the C side allocated
+/// for the caller to own.
+unsafe fn returned(what: &str, err: *mut c_char, out: *mut C_tensor) -> Result<Tensor> {
+    if let Some(msg) = take_message(err) {
+        bail!("{what} failed: {msg}");
+    }
+    if out.is_null() {
+        bail!("{what} returned no tensor");
+    }
+    Ok(Tensor::from_ptr(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// libtorch's figure for the same rows: the logits in float32, the bias added, cross-entropy.
+    fn reference(logits: &Tensor, bias: &Tensor, targets: &Tensor) -> Tensor {
+        (logits.to_kind(Kind::Float) + bias).cross_entropy_loss::<Tensor>(
+            targets,
+            None,
+            tch::Reduction::None,
+            -100,
+            0.0,
+        )
+    }
+
+    #[test]
+    fn one_pass_nll_matches_libtorch_in_both_number_formats() {
+        if !token_nll_runs_on(Device::Cpu) {
+            eprintln!("no row loop for this CPU: the callers take libtorch's ops");
+            return;
+        }
+        tch::manual_seed(3);
+        // A vocabulary that leaves a tail after the vector chunks, and one shorter than a chunk.
+        for (rows, vocab) in [(37i64, 1_003i64), (5, 7), (64, 2_048)] {
+            let logits = Tensor::randn([rows, vocab], (Kind::Float, Device::Cpu)) * 4.0;
+            let bias = Tensor::randn([vocab], (Kind::Float, Device::Cpu));
+            let targets = Tensor::randint(vocab, [rows], (Kind::Int64, Device::Cpu));
+            for kind in [Kind::Float, Kind::BFloat16] {
+                let x = logits.to_kind(kind);
+                let got = token_nll(&x, &bias, &targets).unwrap();
+                let want = reference(&x, &bias, &targets);
+                let err = (&got - &want).abs().max().double_value(&[]);
+                assert!(err < 1e-4, "{rows}x{vocab} {kind:?}: max error {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn one_pass_nll_is_stable_for_large_logits_and_strided_rows() {
+        if !token_nll_runs_on(Device::Cpu) {
+            return;
+        }
+        // Logits far beyond exp's float range, which only the subtracted maximum keeps finite.
+        let wide = Tensor::from_slice(&[500.0f32, -500.0, 499.0, 0.0, 1e4, 1e4 - 1.0, -3.0, 2.0])
+            .view([2, 4]);
+        let bias = Tensor::zeros([4], (Kind::Float, Device::Cpu));
+        let targets = Tensor::from_slice(&[2i64, 1]);
+        let got = token_nll(&wide, &bias, &targets).unwrap();
+        let want = reference(&wide, &bias, &targets);
+        assert!(got.isfinite().all().int64_value(&[]) == 1);
+        assert!(
+            (&got - &want).abs().max().double_value(&[]) < 1e-4,
+            "{got:?} {want:?}"
+        );
+        // Every other column of a wider tensor: rows not contiguous with each other.
+        let base = Tensor::randn([6, 40], (Kind::Float, Device::Cpu));
+        let strided = base.slice(1, 0, 40, 2);
+        let bias = Tensor::randn([20], (Kind::Float, Device::Cpu));
+        let targets = Tensor::from_slice(&[0i64, 19, 3, 7, 11, 5]);
+        let got = token_nll(&strided, &bias, &targets).unwrap();
+        let want = reference(&strided, &bias, &targets);
+        assert!((&got - &want).abs().max().double_value(&[]) < 1e-5);
+    }
+
+    #[test]
+    fn one_pass_gradients_match_libtorch_in_both_number_formats() {
+        if !token_nll_runs_on(Device::Cpu) {
+            return;
+        }
+        tch::manual_seed(5);
+        let (rows, dim, vocab) = (29i64, 24i64, 517i64);
+        let opts = (Kind::Float, Device::Cpu);
+        let h = Tensor::randn([rows, dim], opts).set_requires_grad(true);
+        let w = (Tensor::randn([vocab, dim], opts) * 0.3).set_requires_grad(true);
+        let b = Tensor::randn([vocab], opts).set_requires_grad(true);
+        let y = Tensor::randint(vocab, [rows], (Kind::Int64, Device::Cpu));
+        // A different weight on every row's NLL, as a loss may give.
+        let weight = Tensor::rand([rows], opts) + 0.5;
+        for (kind, tol) in [(Kind::Float, 1e-5), (Kind::BFloat16, 2e-2)] {
+            let (hk, wk) = (h.to_kind(kind), w.to_kind(kind));
+            let ours = token_nll_grad(&hk, &wk, &b, &y).unwrap();
+            let logits = hk.matmul(&wk.tr()).to_kind(Kind::Float) + &b;
+            let want = reference(&logits, &b.zeros_like(), &y);
+            let nll_err = (&ours - &want).abs().max().double_value(&[]);
+            assert!(nll_err < 1e-3, "{kind:?}: NLL off by {nll_err}");
+            let grads = |nll: &Tensor| {
+                Tensor::run_backward(
+                    &[(nll * &weight).sum(Kind::Float)],
+                    &[&h, &w, &b],
+                    false,
+                    false,
+                )
+            };
+            for (name, (g, r)) in ["h", "w", "bias"]
+                .iter()
+                .zip(grads(&ours).iter().zip(&grads(&want)))
+            {
+                let rel = (g - r).norm().double_value(&[]) / r.norm().double_value(&[]);
+                assert!(
+                    rel < tol,
+                    "{kind:?}: gradient of {name} off by {rel} (relative)"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_target_outside_the_vocabulary_is_an_error_not_a_read_out_of_bounds() {
+        if !token_nll_runs_on(Device::Cpu) {
+            return;
+        }
+        let logits = Tensor::zeros([2, 5], (Kind::Float, Device::Cpu));
+        let bias = Tensor::zeros([5], (Kind::Float, Device::Cpu));
+        let err = token_nll(&logits, &bias, &Tensor::from_slice(&[1i64, 5])).unwrap_err();
+        assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+        let wrong_bias = Tensor::zeros([4], (Kind::Float, Device::Cpu));
+        assert!(token_nll(&logits, &wrong_bias, &Tensor::from_slice(&[1i64, 2])).is_err());
+    }
+}

@@ -1,0 +1,144 @@
+// The row loop of src/token_nll.cpp, built once per x86 instruction set libtorch dispatches its
+// own CPU kernels to (build.rs: -DCPU_CAPABILITY=AVX2 or AVX512 with that set's compiler flags,
+// as ATen builds its kernels), on ATen's vector types and its exp_u20, the exponential ATen's
+// softmax kernels use. Only this file is compiled for the wider set, and only its one C function
+// is called from outside, after src/token_nll.cpp has asked libtorch which set this CPU runs.
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#define TEXTVAE_CAT2(a, b) a##b
+#define TEXTVAE_CAT(a, b) TEXTVAE_CAT2(a, b)
+#define TEXTVAE_ROWS TEXTVAE_CAT(textvae_token_nll_rows_, CPU_CAPABILITY)
+
+namespace {
+
+using at::vec::Vectorized;
+using fVec = Vectorized<float>;
+// Both number formats are read in chunks of two float vectors: one bfloat16 vector's worth.
+constexpr int64_t kChunk = 2 * fVec::size();
+
+struct Pair {
+  fVec lo, hi;
+};
+
+inline Pair load(const float *x) { return {fVec::loadu(x), fVec::loadu(x + fVec::size())}; }
+
+inline Pair load(const c10::BFloat16 *x) {
+  auto [lo, hi] = at::vec::convert_to_float<c10::BFloat16>(Vectorized<c10::BFloat16>::loadu(x));
+  return {lo, hi};
+}
+
+// logits + bias over one chunk starting at v.
+template <typename T> inline Pair load_biased(const T *x, const float *bias, int64_t v) {
+  Pair p = load(x + v);
+  return {p.lo + fVec::loadu(bias + v), p.hi + fVec::loadu(bias + v + fVec::size())};
+}
+
+inline float horizontal_max(const fVec &v) {
+  float lanes[fVec::size()];
+  v.store(lanes);
+  float m = lanes[0];
+  for (int64_t i = 1; i < fVec::size(); ++i) {
+    m = std::max(m, lanes[i]);
+  }
+  return m;
+}
+
+inline float horizontal_sum(const fVec &v) {
+  float lanes[fVec::size()];
+  v.store(lanes);
+  float s = 0.0f;
+  for (int64_t i = 0; i < fVec::size(); ++i) {
+    s += lanes[i];
+  }
+  return s;
+}
+
+inline void store(float *out, const Pair &p) {
+  p.lo.store(out);
+  p.hi.store(out + fVec::size());
+}
+
+inline void store(c10::BFloat16 *out, const Pair &p) {
+  at::vec::convert_from_float<c10::BFloat16>(p.lo, p.hi).store(out);
+}
+
+// -log softmax(x + bias)[y] of one row of `vocab` entries. Two passes (maximum, then the sum of
+// exponentials); a row of 10k entries stays in the core's cache between them. With `grad`, a
+// third writes the NLL's gradient with respect to the logits there, softmax(x + bias) - onehot(y)
+// (`grad` may be `x` itself: each chunk is read before it is written).
+template <typename T>
+float row_nll(const T *x, const float *bias, int64_t y, int64_t vocab, T *grad) {
+  const int64_t body = vocab - vocab % kChunk;
+  fVec vmax(-std::numeric_limits<float>::infinity());
+  for (int64_t v = 0; v < body; v += kChunk) {
+    Pair p = load_biased(x, bias, v);
+    vmax = at::vec::maximum(vmax, at::vec::maximum(p.lo, p.hi));
+  }
+  float m = horizontal_max(vmax);
+  for (int64_t v = body; v < vocab; ++v) {
+    m = std::max(m, static_cast<float>(x[v]) + bias[v]);
+  }
+  const fVec vm(m);
+  fVec vsum(0.0f);
+  for (int64_t v = 0; v < body; v += kChunk) {
+    Pair p = load_biased(x, bias, v);
+    vsum = vsum + (p.lo - vm).exp_u20() + (p.hi - vm).exp_u20();
+  }
+  float sum = horizontal_sum(vsum);
+  for (int64_t v = body; v < vocab; ++v) {
+    sum += std::exp(static_cast<float>(x[v]) + bias[v] - m);
+  }
+  if (y < 0 || y >= vocab) {
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  // The gap to the maximum first: it is small where the target is likely, and adding the
+  // maximum's magnitude before subtracting would cost its rounding.
+  const float nll = (m - (static_cast<float>(x[y]) + bias[y])) + std::log(sum);
+  if (grad != nullptr) {
+    const float inv = 1.0f / sum;
+    const fVec vinv(inv);
+    for (int64_t v = 0; v < body; v += kChunk) {
+      Pair p = load_biased(x, bias, v);
+      store(grad + v, Pair{(p.lo - vm).exp_u20() * vinv, (p.hi - vm).exp_u20() * vinv});
+    }
+    for (int64_t v = body; v < vocab; ++v) {
+      grad[v] = static_cast<T>(std::exp(static_cast<float>(x[v]) + bias[v] - m) * inv);
+    }
+    grad[y] = static_cast<T>(static_cast<float>(grad[y]) - 1.0f);
+  }
+  return nll;
+}
+
+template <typename T>
+void rows(const T *logits, int64_t stride, const float *bias, const int64_t *targets, float *out,
+          T *grad, int64_t begin, int64_t end, int64_t vocab) {
+  for (int64_t r = begin; r < end; ++r) {
+    T *grad_row = grad != nullptr ? grad + r * stride : nullptr;
+    out[r] = row_nll(logits + r * stride, bias, targets[r], vocab, grad_row);
+  }
+}
+
+}  // namespace
+
+// Rows [begin, end) of `logits` (float32, or bfloat16 where `bf16` is set; row r starts at
+// r * stride elements): out[r] = -log softmax(logits[r] + bias)[targets[r]], NaN for a target
+// outside [0, vocab). Where `grad` is not null (the same format and strides as `logits`, and
+// possibly `logits` itself), each row's gradient softmax - onehot is written there.
+extern "C" void TEXTVAE_ROWS(const void *logits, int bf16, int64_t stride, const float *bias,
+                             const int64_t *targets, float *out, void *grad, int64_t begin,
+                             int64_t end, int64_t vocab) {
+  if (bf16 != 0) {
+    rows(static_cast<const c10::BFloat16 *>(logits), stride, bias, targets, out,
+         static_cast<c10::BFloat16 *>(grad), begin, end, vocab);
+  } else {
+    rows(static_cast<const float *>(logits), stride, bias, targets, out,
+         static_cast<float *>(grad), begin, end, vocab);
+  }
+}
