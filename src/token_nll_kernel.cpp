@@ -34,6 +34,11 @@ inline Pair load(const c10::BFloat16 *x) {
   return {lo, hi};
 }
 
+// logits + bias at one entry v, for the tail a chunk does not cover.
+template <typename T> inline float biased(const T *x, const float *bias, int64_t v) {
+  return static_cast<float>(x[v]) + bias[v];
+}
+
 // logits + bias over one chunk starting at v.
 template <typename T> inline Pair load_biased(const T *x, const float *bias, int64_t v) {
   Pair p = load(x + v);
@@ -83,7 +88,7 @@ float row_nll(const T *x, const float *bias, int64_t y, int64_t vocab, T *grad) 
   }
   float m = horizontal_max(vmax);
   for (int64_t v = body; v < vocab; ++v) {
-    m = std::max(m, static_cast<float>(x[v]) + bias[v]);
+    m = std::max(m, biased(x, bias, v));
   }
   const fVec vm(m);
   fVec vsum(0.0f);
@@ -93,15 +98,17 @@ float row_nll(const T *x, const float *bias, int64_t y, int64_t vocab, T *grad) 
   }
   float sum = horizontal_sum(vsum);
   for (int64_t v = body; v < vocab; ++v) {
-    sum += std::exp(static_cast<float>(x[v]) + bias[v] - m);
+    sum += std::exp(biased(x, bias, v) - m);
   }
   if (y < 0 || y >= vocab) {
     return std::numeric_limits<float>::quiet_NaN();
   }
   // The gap to the maximum first: it is small where the target is likely, and adding the
   // maximum's magnitude before subtracting would cost its rounding.
-  const float nll = (m - (static_cast<float>(x[y]) + bias[y])) + std::log(sum);
+  const float nll = (m - biased(x, bias, y)) + std::log(sum);
   if (grad != nullptr) {
+    // The exponentials again rather than kept from the second pass: kept in a bfloat16 row they
+    // would be rounded twice (before and after the division).
     const float inv = 1.0f / sum;
     const fVec vinv(inv);
     for (int64_t v = 0; v < body; v += kChunk) {
@@ -109,7 +116,7 @@ float row_nll(const T *x, const float *bias, int64_t y, int64_t vocab, T *grad) 
       store(grad + v, Pair{(p.lo - vm).exp_u20() * vinv, (p.hi - vm).exp_u20() * vinv});
     }
     for (int64_t v = body; v < vocab; ++v) {
-      grad[v] = static_cast<T>(std::exp(static_cast<float>(x[v]) + bias[v] - m) * inv);
+      grad[v] = static_cast<T>(std::exp(biased(x, bias, v) - m) * inv);
     }
     grad[y] = static_cast<T>(static_cast<float>(grad[y]) - 1.0f);
   }
