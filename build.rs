@@ -3,8 +3,8 @@
 //! is not linked against `libtorch_cuda`, which `runtime::load_cuda` loads at start-up where an
 //! NVIDIA driver exists (linked, it cost every command on a CPU-only machine 0.15 s and 265 MiB).
 //! Also compiles the C++ side against the headers beside that directory: `src/fused_adam.cpp`
-//! (libtorch's fused Adam, which tch does not wrap) and `src/token_nll.cpp` (the output layer's
-//! token NLL in one pass).
+//! (libtorch's fused Adam, which tch does not wrap), `src/token_nll.cpp` (the output layer's
+//! token NLL in one pass) and `src/dropout.cpp` (dropout's noise drawn in parallel).
 use std::path::Path;
 
 fn main() {
@@ -25,7 +25,7 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
 }
 
-/// Builds the C++ side (`src/fused_adam.cpp`, `src/token_nll.cpp`) as a static library linked
+/// Builds the C++ side (`src/fused_adam.cpp`, `src/token_nll.cpp`, `src/dropout.cpp`) as a static library linked
 /// into the crate, and on x86-64 the token NLL's row loop once per instruction set libtorch
 /// dispatches its own kernels to (the flags ATen builds its AVX2 and AVX512 kernels with). The
 /// headers sit beside the library directory in both layouts (a PyTorch install's
@@ -36,6 +36,7 @@ fn compile_cpp(lib: &Path) {
         "src/fused_adam.cpp",
         "src/token_nll.cpp",
         "src/token_nll_kernel.cpp",
+        "src/dropout.cpp",
         "src/ffi_message.h",
     ] {
         println!("cargo:rerun-if-changed={f}");
@@ -62,9 +63,21 @@ fn compile_cpp(lib: &Path) {
     if x86 {
         b.define("TEXTVAE_X86_KERNELS", None);
     }
+    let openmp = libtorch_uses_openmp(lib, &include) && b.get_compiler().is_like_gnu();
+    if openmp {
+        // `at::parallel_for` is a header template: without OpenMP it runs the whole range on
+        // the calling thread, and the token NLL's rows took one core of two.
+        b.flag("-fopenmp");
+    }
     b.file("src/fused_adam.cpp")
         .file("src/token_nll.cpp")
+        .file("src/dropout.cpp")
         .compile("textvae_cpp");
+    if openmp {
+        // libtorch's own OpenMP runtime (a wheel ships it beside libtorch_cpu), so that the
+        // kernel shares libtorch's thread pool rather than starting a second one.
+        println!("cargo:rustc-link-arg=-l:libgomp.so.1");
+    }
     if x86 {
         for (capability, flags) in [
             ("AVX2", &["-mavx2", "-mfma", "-mf16c"][..]),
@@ -89,6 +102,13 @@ fn compile_cpp(lib: &Path) {
             b.compile(&format!("textvae_token_nll_{}", capability.to_lowercase()));
         }
     }
+}
+
+/// Whether libtorch parallelises with OpenMP (ATen/Config.h says so) and ships the GNU runtime
+/// beside its libraries, the one the C++ side must then share.
+fn libtorch_uses_openmp(lib: &Path, include: &Path) -> bool {
+    let config = std::fs::read_to_string(include.join("ATen/Config.h")).unwrap_or_default();
+    config.contains("#define AT_PARALLEL_OPENMP 1") && lib.join("libgomp.so.1").exists()
 }
 
 /// Reads the version from the PyTorch install (`torch/version.py` beside `torch/lib`) or a

@@ -1121,7 +1121,7 @@ fn run_info(a: InfoArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
+    use clap::{CommandFactory, ValueEnum};
 
     #[test]
     fn train_help_states_the_default_target_rate() {
@@ -1200,6 +1200,16 @@ mod tests {
             ),
             ("weight-drop", format!("[default: {}]", m.weight_drop)),
             ("layer-dropout", format!("[default: {}]", m.layer_dropout)),
+            (
+                "dropout-mask",
+                format!(
+                    "[default: {}]",
+                    m.dropout_mask
+                        .to_possible_value()
+                        .expect("a value")
+                        .get_name()
+                ),
+            ),
         ] {
             let text = block(flag);
             assert!(

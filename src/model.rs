@@ -7,7 +7,7 @@
 //! (Bowman et al. 2016), so the decoder cannot forget z over a long sentence.
 
 use tch::nn::{self, Module, ModuleT, RNN};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::config::{DropoutMask, ModelConfig};
 use crate::data::{Batch, RealTokens};
@@ -390,7 +390,7 @@ impl Decoder {
             .map(|(i, w)| {
                 // Per layer: w_ih, w_hh, b_ih, b_hh.
                 if i % 4 == 1 && weight_drop > 0.0 {
-                    w.dropout(weight_drop, true).to_kind(kind)
+                    dropout(w, weight_drop).to_kind(kind)
                 } else {
                     w.to_kind(kind)
                 }
@@ -545,14 +545,27 @@ fn sequence_dropout(x: Tensor, p: f64, mask: DropoutMask, train: bool) -> Tensor
         return x;
     }
     match mask {
-        DropoutMask::Token => x.dropout(p, true),
+        DropoutMask::Token => dropout(&x, p),
         DropoutMask::Sentence => {
             let (b, d) = (x.size()[0], x.size()[2]);
             // Entries 0 or 1 / (1 - p), as dropout scales what it keeps.
-            let keep = Tensor::ones([b, 1, d], (x.kind(), x.device())).dropout(p, true); // [B, 1, D]
+            let keep = dropout(&Tensor::ones([b, 1, d], (x.kind(), x.device())), p); // [B, 1, D]
             x * keep
         }
     }
+}
+
+/// Training dropout of `x` with probability `p`: on the CPU through noise drawn on every core
+/// (`native::dropout_noise`; libtorch's CPU dropout draws its mask on one thread), elsewhere
+/// libtorch's own fused kernel.
+fn dropout(x: &Tensor, p: f64) -> Tensor {
+    if x.device() != Device::Cpu {
+        return x.dropout(p, true);
+    }
+    // The probability is validated with the config and the tensor is this crate's own, so a
+    // failure is a bug, reported as tch reports its own.
+    let noise = native::dropout_noise(x, p).unwrap_or_else(|e| panic!("{e:#}"));
+    x * noise
 }
 
 /// Per-sentence summed negative log-likelihood of `targets` [B, T] given decoder hidden states

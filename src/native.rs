@@ -4,7 +4,8 @@
 //! log-softmax that writes all of [R, V] and a gather; the kernel reads each row of logits once
 //! (twice from cache) and writes one number, so where the matrix product is fast (bfloat16 on a
 //! CPU with AMX: 27 ms for 1,677 rows × 512 × 10,000 words, against 70 ms for those passes) the
-//! passes stop being most of an evaluation. Fused Adam's own binding lives in `optim`.
+//! passes stop being most of an evaluation. Also dropout's noise drawn in parallel
+//! (src/dropout.cpp). Fused Adam's own binding lives in `optim`.
 
 use std::ffi::{c_char, c_int, CStr};
 
@@ -26,6 +27,12 @@ extern "C" {
         w: *const C_tensor,
         bias: *const C_tensor,
         targets: *const C_tensor,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+    fn textvae_dropout_noise(
+        like: *const C_tensor,
+        p: f64,
+        seed: *const u64,
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
     fn textvae_free_message(msg: *mut c_char);
@@ -77,8 +84,8 @@ pub fn token_nll(logits: &Tensor, bias: &Tensor, targets: &Tensor) -> Result<Ten
 /// The same NLL of hidden states `h` [R, H] through the output layer `w` [V, H] (both float32
 /// or both bfloat16: the matrix product's format) and `bias` [V] float32, differentiable with
 /// respect to all three: the forward pass keeps softmax - onehot in place of the logits, so
-/// the backward pass is one scaling of it and the two matrix products, not libtorch's passes
-/// back through the gather, the log-softmax and the number format's copy. Requires
+/// the backward pass is three matrix products (the bias's a matrix-vector one), not libtorch's
+/// passes back through the gather, the log-softmax and the number format's copy. Requires
 /// [`token_nll_runs_on`] the CPU.
 pub fn token_nll_grad(h: &Tensor, w: &Tensor, bias: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let targets = targets.to_kind(Kind::Int64);
@@ -95,6 +102,28 @@ pub fn token_nll_grad(h: &Tensor, w: &Tensor, bias: &Tensor, targets: &Tensor) -
     };
     // SAFETY: as in `token_nll`.
     unsafe { returned("the token NLL kernel", err, out) }
+}
+
+/// Dropout's noise for `like` (on the CPU; its values are not read): a tensor of its shape and
+/// number format whose entries are 0 with probability `p` and 1 / (1 - p) otherwise, drawn in
+/// parallel from a Philox generator seeded by libtorch's default CPU generator (libtorch's own
+/// CPU dropout draws on one thread). The same seed gives the same noise whatever the number of
+/// threads.
+pub fn dropout_noise(like: &Tensor, p: f64) -> Result<Tensor> {
+    noise_from_seed(like, p, None)
+}
+
+/// [`dropout_noise`] from the Philox seed `seed`, or (None) from a seed drawn from libtorch's
+/// default CPU generator.
+fn noise_from_seed(like: &Tensor, p: f64, seed: Option<u64>) -> Result<Tensor> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let seed_ptr = seed.as_ref().map_or(std::ptr::null(), |s| s as *const u64);
+    // SAFETY: `like` is a live tensor and `seed_ptr` null or a live u64, both borrowed for this
+    // call; the C side checks the device and `p` before it allocates, and sets `out` only on
+    // success.
+    let err = unsafe { textvae_dropout_noise(like.as_ptr(), p, seed_ptr, &mut out) };
+    // SAFETY: `err` and `out` are what the call returned, each taken once.
+    unsafe { returned("dropout noise", err, out) }
 }
 
 /// The tensor a C function handed back through its `out` argument, or its error.
@@ -229,5 +258,49 @@ mod tests {
         assert!(err.to_string().contains("outside the vocabulary"), "{err}");
         let wrong_bias = Tensor::zeros([4], (Kind::Float, Device::Cpu));
         assert!(token_nll(&logits, &wrong_bias, &Tensor::from_slice(&[1i64, 2])).is_err());
+    }
+
+    #[test]
+    fn dropout_noise_drops_a_share_p_and_scales_the_rest_by_one_over_one_minus_p() {
+        let like = Tensor::empty([1000, 1000], (Kind::Float, Device::Cpu));
+        for kind in [Kind::Float, Kind::BFloat16] {
+            for p in [0.3, 0.5] {
+                let noise = dropout_noise(&like.to_kind(kind), p).unwrap();
+                assert_eq!((noise.size(), noise.kind()), (like.size(), kind));
+                let kept = Tensor::from(1.0 / (1.0 - p)).to_kind(kind);
+                let zero = noise.eq(0.0);
+                let only_two_values = zero.logical_or(&noise.eq_tensor(&kept)).all();
+                assert!(bool::try_from(only_two_values).unwrap(), "{kind:?} p {p}");
+                // 10^6 draws: the share's standard deviation is under 0.0005.
+                let dropped = zero
+                    .to_kind(Kind::Float)
+                    .mean(Kind::Float)
+                    .double_value(&[]);
+                assert!(
+                    (dropped - p).abs() < 0.003,
+                    "{kind:?} p {p}: dropped {dropped}"
+                );
+            }
+        }
+        let err = dropout_noise(&like, 1.0).unwrap_err();
+        assert!(err.to_string().contains("[0, 1)"), "{err}");
+    }
+
+    #[test]
+    fn dropout_noise_is_a_function_of_the_seed_and_the_position_not_the_thread() {
+        let opts = (Kind::Float, Device::Cpu);
+        let block = 1 << 14;
+        // Three blocks and a bit, split between the threads, against one block on one thread.
+        let long = noise_from_seed(&Tensor::empty([3 * block + 5], opts), 0.5, Some(42)).unwrap();
+        let short = noise_from_seed(&Tensor::empty([block], opts), 0.5, Some(42)).unwrap();
+        assert!(long.narrow(0, 0, block).equal(&short));
+        // Each block draws its own numbers, and another seed others.
+        assert!(!long.narrow(0, block, block).equal(&short));
+        let other = noise_from_seed(&Tensor::empty([block], opts), 0.5, Some(43)).unwrap();
+        assert!(!other.equal(&short));
+        // Without a seed, each call draws a fresh one.
+        let a = dropout_noise(&short, 0.5).unwrap();
+        let b = dropout_noise(&short, 0.5).unwrap();
+        assert!(!a.equal(&b));
     }
 }

@@ -122,13 +122,16 @@ struct TokenNll : public torch::autograd::Function<TokenNll> {
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &h = saved[0], &w = saved[1];
-    // d loss / d logits: each row's softmax - onehot times the gradient its NLL receives.
-    at::Tensor g = saved[2].mul_(grads[0].unsqueeze(1).to(saved[2].scalar_type()));  // [R, V]
-    at::Tensor grad_h = at::matmul(g, w);            // [R, H]
-    at::Tensor grad_w = at::matmul(g.t(), h);        // [V, H]
-    // Summed in g's format, then widened: a float32 result of a bfloat16 column sum takes
+    // d loss / d logits is diag(s) g, g = softmax - onehot and s [R] the gradient each row's
+    // NLL receives. The scaling goes onto the [R, H] factors and the bias's product with s, not
+    // onto g: a pass over [R, V] fewer (f32: ~6 ms of 110 in a PTB step).
+    const at::Tensor &g = saved[2];                       // [R, V]
+    const at::Tensor s = grads[0].unsqueeze(1);           // [R, 1] float32
+    at::Tensor grad_h = at::matmul(g, w).mul(s).to(h.scalar_type());      // [R, H]
+    at::Tensor grad_w = at::matmul(g.t(), h.mul(s).to(g.scalar_type()));  // [V, H]
+    // g's format in the product, then widened: a float32 result of a bfloat16 reduction takes
     // libtorch's slow path (45 ms against 7 for [2048, 10000]).
-    at::Tensor grad_b = g.sum(0).to(at::kFloat);  // [V]
+    at::Tensor grad_b = at::mv(g.t(), grads[0].to(g.scalar_type())).to(at::kFloat);  // [V]
     return {grad_h, grad_w, grad_b, at::Tensor()};
   }
 };
