@@ -25,12 +25,12 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
 }
 
-/// Builds the C++ side (`src/fused_adam.cpp`, `src/token_nll.cpp`, `src/dropout.cpp`) as a static library linked
-/// into the crate, and on x86-64 the token NLL's row loop once per instruction set libtorch
-/// dispatches its own kernels to (the flags ATen builds its AVX2 and AVX512 kernels with). The
-/// headers sit beside the library directory in both layouts (a PyTorch install's
-/// `torch/include`, a standalone libtorch's `include`); the C++ ABI follows torch-sys's
-/// `LIBTORCH_CXX11_ABI` (default 1, what PyTorch's wheels use since 2.7).
+/// Builds the C++ side (`src/fused_adam.cpp`, `src/token_nll.cpp`, `src/dropout.cpp`) as a
+/// static library linked into the crate, and on x86-64 the token NLL's row loop once per
+/// instruction set libtorch dispatches its own kernels to (the flags ATen builds its AVX2 and
+/// AVX512 kernels with). The headers sit beside the library directory in both layouts (a
+/// PyTorch install's `torch/include`, a standalone libtorch's `include`); the C++ ABI follows
+/// torch-sys's `LIBTORCH_CXX11_ABI` (default 1, what PyTorch's wheels use since 2.7).
 fn compile_cpp(lib: &Path) {
     for f in [
         "src/fused_adam.cpp",

@@ -124,7 +124,8 @@ struct TokenNll : public torch::autograd::Function<TokenNll> {
     const at::Tensor &h = saved[0], &w = saved[1];
     // d loss / d logits is diag(s) g, g = softmax - onehot and s [R] the gradient each row's
     // NLL receives. The scaling goes onto the [R, H] factors and the bias's product with s, not
-    // onto g: a pass over [R, V] fewer (f32: ~6 ms of 110 in a PTB step).
+    // onto g: a pass over [R, V] fewer (f32, [2048, 10000]: scaling 6.3 ms and column sum 6.4
+    // ms, against 5.7 ms for the matrix-vector product).
     const at::Tensor &g = saved[2];                       // [R, V]
     const at::Tensor s = grads[0].unsqueeze(1);           // [R, 1] float32
     at::Tensor grad_h = at::matmul(g, w).mul(s).to(h.scalar_type());      // [R, H]
