@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Training throughput of this checkout's build ("this") against an earlier commit's, alternated
 # run by run on PTB (machines differ from run to run, so builds are only compared within one
-# invocation): real
-# tokens/s, median of each run's logging windows after the first, for `--preset ptb` in
-# `--precision auto` and f32 and for the 512-wide recipe of the PTB table; with each run's loss
-# at its last window, so that a change to the step that changes what it computes shows.
+# invocation): real tokens/s, median of each run's logging windows after the first, for
+# `--preset ptb` in `--precision auto` and f32 and for the 512-wide recipe of the PTB table; with
+# each run's loss at its last window, so that a change to what the step computes shows.
 # Results in bench/results/ab-STAMP.{md,json}.
 #
 #   bench/ab.sh BASE_COMMIT [SECONDS] [ROUNDS] [CONFIGS]   (defaults 45 s, 3 rounds, all three:

@@ -859,10 +859,6 @@ mod tests {
         assert!(eval.rec.equal(&f32_eval.rec));
     }
 
-    /// A training pass in bfloat16 (convolutions, LSTM, output layer) scores as float32 does,
-    /// within bfloat16's rounding, and every variable's gradient comes back in float32 pointing
-    /// the same way — the LSTM's (run on weights gathered from the VarStore) and the
-    /// convolutions' included. Two layers, so the gathered weights' order is tested too.
     /// The one-pass output layer (`native`) scores and back-propagates as libtorch's
     /// cross-entropy does, through z's skip path and tied embeddings to every variable it
     /// reaches, with a different weight on every token's NLL; under no-grad it takes the
@@ -928,6 +924,10 @@ mod tests {
         });
     }
 
+    /// A training pass in bfloat16 (convolutions, LSTM, output layer) scores as float32 does,
+    /// within bfloat16's rounding, and every variable's gradient comes back in float32 pointing
+    /// the same way — the LSTM's (run on weights gathered from the VarStore) and the
+    /// convolutions' included. Two layers, so the gathered weights' order is tested too.
     #[test]
     fn a_bf16_training_pass_keeps_the_loss_and_float32_gradients_of_every_variable() {
         let _rng = crate::seeded(4);

@@ -45,24 +45,14 @@ template <typename T> inline Pair load_biased(const T *x, const float *bias, int
   return {p.lo + fVec::loadu(bias + v), p.hi + fVec::loadu(bias + v + fVec::size())};
 }
 
+// ATen's lane reductions (shuffles on AVX2 and AVX512).
 inline float horizontal_max(const fVec &v) {
-  float lanes[fVec::size()];
-  v.store(lanes);
-  float m = lanes[0];
-  for (int64_t i = 1; i < fVec::size(); ++i) {
-    m = std::max(m, lanes[i]);
-  }
-  return m;
+  return at::vec::vec_reduce_all(
+      [](const fVec &a, const fVec &b) { return at::vec::maximum(a, b); }, v);
 }
 
 inline float horizontal_sum(const fVec &v) {
-  float lanes[fVec::size()];
-  v.store(lanes);
-  float s = 0.0f;
-  for (int64_t i = 0; i < fVec::size(); ++i) {
-    s += lanes[i];
-  }
-  return s;
+  return at::vec::vec_reduce_all([](const fVec &a, const fVec &b) { return a + b; }, v);
 }
 
 inline void store(float *out, const Pair &p) {
