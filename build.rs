@@ -4,7 +4,8 @@
 //! NVIDIA driver exists (linked, it cost every command on a CPU-only machine 0.15 s and 265 MiB).
 //! Also compiles the C++ side against the headers beside that directory: `src/fused_adam.cpp`
 //! (libtorch's fused Adam, which tch does not wrap), `src/token_nll.cpp` (the output layer's
-//! token NLL in one pass) and `src/dropout.cpp` (dropout's noise drawn in parallel).
+//! token NLL in one pass), `src/dropout.cpp` (dropout's noise drawn in parallel) and
+//! `src/lstm.cpp` (the decoder's LSTM for scoring, its input shared by the K samples).
 use std::path::Path;
 
 fn main() {
@@ -25,9 +26,9 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
 }
 
-/// Builds the C++ side (`src/fused_adam.cpp`, `src/token_nll.cpp`, `src/dropout.cpp`) as a
-/// static library linked into the crate, and on x86-64 the token NLL's row loop once per
-/// instruction set libtorch dispatches its own kernels to (the flags ATen builds its AVX2 and
+/// Builds the C++ side (`src/fused_adam.cpp`, `src/token_nll.cpp`, `src/dropout.cpp`,
+/// `src/lstm.cpp`) as a static library linked into the crate, and on x86-64 the row loops (the
+/// token NLL's and the LSTM cell's) once per instruction set libtorch dispatches its own kernels to (the flags ATen builds its AVX2 and
 /// AVX512 kernels with). The headers sit beside the library directory in both layouts (a
 /// PyTorch install's `torch/include`, a standalone libtorch's `include`); the C++ ABI follows
 /// torch-sys's `LIBTORCH_CXX11_ABI` (default 1, what PyTorch's wheels use since 2.7).
@@ -37,7 +38,11 @@ fn compile_cpp(lib: &Path) {
         "src/token_nll.cpp",
         "src/token_nll_kernel.cpp",
         "src/dropout.cpp",
+        "src/lstm.cpp",
+        "src/lstm_kernel.cpp",
         "src/ffi_message.h",
+        "src/kernel_dispatch.h",
+        "src/kernel_vec.h",
     ] {
         println!("cargo:rerun-if-changed={f}");
     }
@@ -72,6 +77,7 @@ fn compile_cpp(lib: &Path) {
     b.file("src/fused_adam.cpp")
         .file("src/token_nll.cpp")
         .file("src/dropout.cpp")
+        .file("src/lstm.cpp")
         .compile("textvae_cpp");
     if openmp {
         // libtorch's own OpenMP runtime (a wheel ships it beside libtorch_cpu), so that the
@@ -95,11 +101,12 @@ fn compile_cpp(lib: &Path) {
             let mut b = build();
             b.define("CPU_CAPABILITY", capability)
                 .define(&format!("CPU_CAPABILITY_{capability}"), None)
-                .file("src/token_nll_kernel.cpp");
+                .file("src/token_nll_kernel.cpp")
+                .file("src/lstm_kernel.cpp");
             for f in flags {
                 b.flag(*f);
             }
-            b.compile(&format!("textvae_token_nll_{}", capability.to_lowercase()));
+            b.compile(&format!("textvae_kernels_{}", capability.to_lowercase()));
         }
     }
 }

@@ -153,9 +153,8 @@ pub fn iw_log_likelihood(
         let logvar_r = logvar.repeat_interleave_self_int(s, 0, None); // [B*S, Z]
         let eps = mu_r.randn_like();
         let z = &mu_r + (&logvar_r * 0.5).exp() * &eps;
-        let inputs = batch.inputs.repeat_interleave_self_int(s, 0, None); // [B*S, T]
         let targets = batch.targets.repeat_interleave_self_int(s, 0, None); // [B*S, T]
-        let hidden = vae.decoder.hidden_as(&inputs, &z, false, passes.kind); // [B*S, T, H]
+        let hidden = vae.decoder.hidden_shared(&batch.inputs, &z, passes.kind); // [B*S, T, H]
         let real = batch.real.repeat_interleave(s, t);
         let log_px_z = -reconstruction_nll(
             &vae.decoder,

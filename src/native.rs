@@ -5,7 +5,9 @@
 //! (twice from cache) and writes one number, so where the matrix product is fast (bfloat16 on a
 //! CPU with AMX: 27 ms for 1,677 rows × 512 × 10,000 words, against 70 ms for those passes) the
 //! passes stop being most of an evaluation. Also dropout's noise drawn in parallel
-//! (src/dropout.cpp). Fused Adam's own binding lives in `optim`.
+//! (src/dropout.cpp), and the decoder's LSTM for scoring with the input's share of its gates
+//! computed once for the K samples of a sentence (src/lstm.cpp). Fused Adam's own binding lives
+//! in `optim`.
 
 use std::ffi::{c_char, c_int, CStr};
 
@@ -14,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
 extern "C" {
-    fn textvae_token_nll_available() -> c_int;
+    fn textvae_kernels_available() -> c_int;
     fn textvae_grad_mode_enabled() -> c_int;
     fn textvae_token_nll(
         logits: *const C_tensor,
@@ -35,6 +37,14 @@ extern "C" {
         seed: *const u64,
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
+    fn textvae_lstm_shared_inputs(
+        inputs: *const C_tensor,
+        w: *const C_tensor,
+        h0: *const C_tensor,
+        z: *const C_tensor,
+        c0: *const C_tensor,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
     fn textvae_free_message(msg: *mut c_char);
 }
 
@@ -52,12 +62,13 @@ pub unsafe fn take_message(err: *mut c_char) -> Option<String> {
     Some(msg)
 }
 
-/// Whether [`token_nll`] runs for tensors on `device`: on the CPU where this build has a row loop
-/// for the instruction set libtorch dispatches to (AVX2 or AVX512 on x86-64); never on a GPU,
-/// where the log-softmax is one kernel among many that keep it busy.
-pub fn token_nll_runs_on(device: Device) -> bool {
+/// Whether [`token_nll`] and [`lstm_shared_inputs`] run for tensors on `device`: on the CPU
+/// where this build has row loops for the instruction set libtorch dispatches to (AVX2 or
+/// AVX512 on x86-64); never on a GPU, where the log-softmax is one kernel among many that keep
+/// it busy and cuDNN runs the LSTM.
+pub fn kernels_run_on(device: Device) -> bool {
     // SAFETY: no arguments; the C side only reads libtorch's CPU capability.
-    device == Device::Cpu && unsafe { textvae_token_nll_available() } != 0
+    device == Device::Cpu && unsafe { textvae_kernels_available() } != 0
 }
 
 /// Whether autograd records operations on this thread now, i.e. not inside `tch::no_grad` (tch
@@ -69,7 +80,7 @@ pub fn grad_mode_enabled() -> bool {
 
 /// -log softmax(logits + bias)[targets] of each row, in float32: logits [R, V] (float32 or
 /// bfloat16), bias [V] float32, targets [R] int64 -> [R] float32. Not differentiable: for
-/// scoring under no-grad. Requires [`token_nll_runs_on`] the CPU.
+/// scoring under no-grad. Requires [`kernels_run_on`] the CPU.
 pub fn token_nll(logits: &Tensor, bias: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (bias, targets) = (bias.to_kind(Kind::Float), targets.to_kind(Kind::Int64));
     let mut out: *mut C_tensor = std::ptr::null_mut();
@@ -86,7 +97,7 @@ pub fn token_nll(logits: &Tensor, bias: &Tensor, targets: &Tensor) -> Result<Ten
 /// respect to all three: the forward pass keeps softmax - onehot in place of the logits, so
 /// the backward pass is three matrix products (the bias's a matrix-vector one), not libtorch's
 /// passes back through the gather, the log-softmax and the number format's copy. Requires
-/// [`token_nll_runs_on`] the CPU.
+/// [`kernels_run_on`] the CPU.
 pub fn token_nll_grad(h: &Tensor, w: &Tensor, bias: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let targets = targets.to_kind(Kind::Int64);
     let mut out: *mut C_tensor = std::ptr::null_mut();
@@ -126,6 +137,36 @@ fn noise_from_seed(like: &Tensor, p: f64, seed: Option<u64>) -> Result<Tensor> {
     unsafe { returned("dropout noise", err, out) }
 }
 
+/// Hidden states [N, T, H] float32 of a one-layer LSTM (PyTorch's gate order i, f, g, o) whose
+/// gate pre-activations at step t for row r are `inputs[r / S, t] + [h_{t-1}; z_r] wᵀ`, S = N /
+/// B: `inputs` [B, T, 4H] float32 (the input sequence's share of the gates, both biases
+/// included), `w` [4H, H + Z] (the recurrent weights beside z's columns of the input weights;
+/// float32 or bfloat16, the recurrent product's format), `h0` and `c0` [N, H], `z` [N, Z]. For
+/// scoring without a gradient, where the S rows of a sentence (its K samples of z) share one
+/// input sequence; src/lstm.cpp. Requires [`kernels_run_on`] the CPU.
+pub fn lstm_shared_inputs(
+    inputs: &Tensor,
+    w: &Tensor,
+    h0: &Tensor,
+    z: &Tensor,
+    c0: &Tensor,
+) -> Result<Tensor> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: as in `token_nll`.
+    let err = unsafe {
+        textvae_lstm_shared_inputs(
+            inputs.as_ptr(),
+            w.as_ptr(),
+            h0.as_ptr(),
+            z.as_ptr(),
+            c0.as_ptr(),
+            &mut out,
+        )
+    };
+    // SAFETY: as in `token_nll`.
+    unsafe { returned("the LSTM kernel", err, out) }
+}
+
 /// The tensor a C function handed back through its `out` argument, or its error.
 ///
 /// # Safety
@@ -157,8 +198,29 @@ mod tests {
     }
 
     #[test]
+    fn the_lstm_kernel_refuses_rows_that_do_not_share_inputs_evenly() {
+        if !kernels_run_on(Device::Cpu) {
+            return;
+        }
+        let f = (Kind::Float, Device::Cpu);
+        let (b, t, h, z_dim, n) = (2, 3, 4, 2, 5);
+        let err = lstm_shared_inputs(
+            &Tensor::zeros([b, t, 4 * h], f),
+            &Tensor::zeros([4 * h, h + z_dim], f),
+            &Tensor::zeros([n, h], f),
+            &Tensor::zeros([n, z_dim], f),
+            &Tensor::zeros([n, h], f),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("multiple of the 2 input sequences"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
     fn one_pass_nll_matches_libtorch_in_both_number_formats() {
-        if !token_nll_runs_on(Device::Cpu) {
+        if !kernels_run_on(Device::Cpu) {
             eprintln!("no row loop for this CPU: the callers take libtorch's ops");
             return;
         }
@@ -180,7 +242,7 @@ mod tests {
 
     #[test]
     fn one_pass_nll_is_stable_for_large_logits_and_strided_rows() {
-        if !token_nll_runs_on(Device::Cpu) {
+        if !kernels_run_on(Device::Cpu) {
             return;
         }
         // Logits far beyond exp's float range, which only the subtracted maximum keeps finite.
@@ -207,7 +269,7 @@ mod tests {
 
     #[test]
     fn one_pass_gradients_match_libtorch_in_both_number_formats() {
-        if !token_nll_runs_on(Device::Cpu) {
+        if !kernels_run_on(Device::Cpu) {
             return;
         }
         tch::manual_seed(5);
@@ -249,7 +311,7 @@ mod tests {
 
     #[test]
     fn a_target_outside_the_vocabulary_is_an_error_not_a_read_out_of_bounds() {
-        if !token_nll_runs_on(Device::Cpu) {
+        if !kernels_run_on(Device::Cpu) {
             return;
         }
         let logits = Tensor::zeros([2, 5], (Kind::Float, Device::Cpu));

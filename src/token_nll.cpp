@@ -12,12 +12,10 @@
 // incoming gradient and the two matrix products.
 //
 // The row loop (src/token_nll_kernel.cpp) is built for AVX2 and AVX512 and picked by the
-// instruction set libtorch itself dispatches to on this CPU (`at::get_cpu_capability`, which
-// honours ATEN_CPU_CAPABILITY); elsewhere `textvae_token_nll_available` says no and the caller
-// takes libtorch's ops.
+// instruction set libtorch itself dispatches to on this CPU (src/kernel_dispatch.h); elsewhere
+// `textvae_kernels_available` says no and the caller takes libtorch's ops.
 
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -27,6 +25,7 @@
 #include <string>
 
 #include "ffi_message.h"
+#include "kernel_dispatch.h"
 
 namespace {
 
@@ -46,22 +45,14 @@ extern "C" void textvae_token_nll_rows_AVX512(const void *, int, int64_t, const 
 
 namespace {
 
-RowsFn pick_rows() {
-#ifdef TEXTVAE_X86_KERNELS
-  const std::string capability = at::get_cpu_capability();
-  if (capability == "AVX512") {
-    return textvae_token_nll_rows_AVX512;
-  }
-  if (capability == "AVX2") {
-    return textvae_token_nll_rows_AVX2;
-  }
-#endif
-  return nullptr;
-}
-
 RowsFn rows_fn() {
-  static const RowsFn fn = pick_rows();
+#ifdef TEXTVAE_X86_KERNELS
+  static const RowsFn fn =
+      textvae_dispatch::pick<RowsFn>(textvae_token_nll_rows_AVX2, textvae_token_nll_rows_AVX512);
   return fn;
+#else
+  return nullptr;
+#endif
 }
 
 // The NLL of each row of `logits` [R, V] with `bias` [V] and `targets` [R]: [R] float32. With
@@ -139,8 +130,8 @@ struct TokenNll : public torch::autograd::Function<TokenNll> {
 
 }  // namespace
 
-// Whether this build has a row loop for this CPU: 1 or 0.
-extern "C" int textvae_token_nll_available() { return rows_fn() != nullptr ? 1 : 0; }
+// Whether this build has row loops for this CPU (the token NLL's and the LSTM cell's): 1 or 0.
+extern "C" int textvae_kernels_available() { return textvae_dispatch::capability() != 0 ? 1 : 0; }
 
 // Whether autograd records operations on this thread now (not under no-grad): 1 or 0.
 extern "C" int textvae_grad_mode_enabled() { return at::GradMode::is_enabled() ? 1 : 0; }

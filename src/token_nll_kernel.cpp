@@ -4,35 +4,17 @@
 // softmax kernels use. Only this file is compiled for the wider set, and only its one C function
 // is called from outside, after src/token_nll.cpp has asked libtorch which set this CPU runs.
 
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
+#include "kernel_vec.h"
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
-#define TEXTVAE_CAT2(a, b) a##b
-#define TEXTVAE_CAT(a, b) TEXTVAE_CAT2(a, b)
 #define TEXTVAE_ROWS TEXTVAE_CAT(textvae_token_nll_rows_, CPU_CAPABILITY)
 
 namespace {
 
-using at::vec::Vectorized;
-using fVec = Vectorized<float>;
-// Both number formats are read in chunks of two float vectors: one bfloat16 vector's worth.
-constexpr int64_t kChunk = 2 * fVec::size();
-
-struct Pair {
-  fVec lo, hi;
-};
-
-inline Pair load(const float *x) { return {fVec::loadu(x), fVec::loadu(x + fVec::size())}; }
-
-inline Pair load(const c10::BFloat16 *x) {
-  auto [lo, hi] = at::vec::convert_to_float<c10::BFloat16>(Vectorized<c10::BFloat16>::loadu(x));
-  return {lo, hi};
-}
+using namespace textvae_vec;
 
 // logits + bias at one entry v, for the tail a chunk does not cover.
 template <typename T> inline float biased(const T *x, const float *bias, int64_t v) {
@@ -53,15 +35,6 @@ inline float horizontal_max(const fVec &v) {
 
 inline float horizontal_sum(const fVec &v) {
   return at::vec::vec_reduce_all([](const fVec &a, const fVec &b) { return a + b; }, v);
-}
-
-inline void store(float *out, const Pair &p) {
-  p.lo.store(out);
-  p.hi.store(out + fVec::size());
-}
-
-inline void store(c10::BFloat16 *out, const Pair &p) {
-  at::vec::convert_from_float<c10::BFloat16>(p.lo, p.hi).store(out);
 }
 
 // -log softmax(x + bias)[y] of one row of `vocab` entries. Two passes (maximum, then the sum of
