@@ -380,8 +380,9 @@ impl Decoder {
             + b_hh; // [B, T, 4H]
         let w = Tensor::cat(&[w_hh, &w_ih.narrow(1, e_dim, z_dim)], 1).to_kind(kind); // [4H, H + Z]
         let nn::LSTMState((h0, c0)) = self.init_state(z); // [1, B*S, H] each
-                                                          // The weights, shapes and devices are this model's own, so a failure is a bug, reported
-                                                          // as tch reports its own.
+
+        // The weights, shapes and devices are this model's own, so a failure is a bug, reported
+        // as tch reports its own.
         native::lstm_shared_inputs(&x, &w, &h0.squeeze_dim(0), z, &c0.squeeze_dim(0))
             .unwrap_or_else(|e| panic!("{e:#}"))
     }
@@ -628,7 +629,7 @@ pub fn reconstruction_nll(
     let rows = rows_per_pass.unwrap_or(n).clamp(1, n.max(1));
     let weights = decoder.output_weights(kind);
     let scoring = decoder.scoring(&h, &weights);
-    let weights = if scoring == Scoring::OnePass {
+    let weights = if scoring == Scoring::OnePass && kind == Kind::BFloat16 {
         column_major(weights)
     } else {
         weights
@@ -659,8 +660,8 @@ pub fn reconstruction_nll(
 /// The output layer's weights [V, H] stored as their transpose [H, V], the bias as it is: the
 /// one-pass scoring's product h wᵀ then reads a row-major right operand. oneDNN's bfloat16
 /// product (AMX) repacks a transposed one on every call: 18.6-29.6 ms against 13.4-15.1 ms
-/// for [1677, 512] × [512, 10002] (float32 through MKL: level). One copy serves every block
-/// of a pass.
+/// for [1677, 512] × [512, 10002]. One copy serves every block of a pass. Float32 through MKL
+/// was level either way, so its weights are left as they are.
 fn column_major((ws, bs): (Tensor, Tensor)) -> (Tensor, Tensor) {
     (ws.tr().contiguous().tr(), bs) // [V, H], strides [1, V]
 }
@@ -1025,9 +1026,8 @@ mod tests {
         );
     }
 
-    /// Weight drop masks the recurrent weights, not the activations: two copies of a sentence in
-    /// one batch get the same hidden states under it, two training passes differ, evaluation
-    /// passes are untouched, and every LSTM weight still gets a gradient.
+    /// The bound's LSTM (the embeddings' share of the gates once per sentence) against
+    /// libtorch's on the inputs repeated, in both number formats.
     #[test]
     fn the_scoring_lstm_on_shared_inputs_gives_libtorchs_hidden_states() {
         let _rng = crate::seeded(6);
@@ -1058,6 +1058,9 @@ mod tests {
         assert!(ours.requires_grad());
     }
 
+    /// Weight drop masks the recurrent weights, not the activations: two copies of a sentence in
+    /// one batch get the same hidden states under it, two training passes differ, evaluation
+    /// passes are untouched, and every LSTM weight still gets a gradient.
     #[test]
     fn weight_drop_shares_one_mask_per_pass_and_only_while_training() {
         let _rng = crate::seeded(5);
