@@ -28,10 +28,11 @@ fn main() {
 
 /// Builds the C++ side (`src/fused_adam.cpp`, `src/token_nll.cpp`, `src/dropout.cpp`,
 /// `src/lstm.cpp`) as a static library linked into the crate, and on x86-64 the row loops (the
-/// token NLL's and the LSTM cell's) once per instruction set libtorch dispatches its own kernels to (the flags ATen builds its AVX2 and
-/// AVX512 kernels with). The headers sit beside the library directory in both layouts (a
-/// PyTorch install's `torch/include`, a standalone libtorch's `include`); the C++ ABI follows
-/// torch-sys's `LIBTORCH_CXX11_ABI` (default 1, what PyTorch's wheels use since 2.7).
+/// token NLL's and the LSTM cell's) once per instruction set libtorch dispatches its own
+/// kernels to (the flags ATen builds its AVX2 and AVX512 kernels with). The headers sit beside
+/// the library directory in both layouts (a PyTorch install's `torch/include`, a standalone
+/// libtorch's `include`); the C++ ABI follows torch-sys's `LIBTORCH_CXX11_ABI` (default 1, what
+/// PyTorch's wheels use since 2.7).
 fn compile_cpp(lib: &Path) {
     for f in [
         "src/fused_adam.cpp",

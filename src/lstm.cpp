@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <exception>
+#include <utility>
 
 #include "ffi_message.h"
 #include "kernel_dispatch.h"

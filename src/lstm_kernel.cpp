@@ -54,7 +54,9 @@ void row(const T *gates, const float *inputs, float *c, float *out, T *h_next, i
     store(h_next + j, h);
   }
   for (int64_t j = body; j < hidden; ++j) {
-    auto pre = [&](int64_t k) { return static_cast<float>(gates[k * hidden + j]) + inputs[k * hidden + j]; };
+    auto pre = [&](int64_t k) {
+      return static_cast<float>(gates[k * hidden + j]) + inputs[k * hidden + j];
+    };
     c[j] = sigmoid(pre(1)) * c[j] + sigmoid(pre(0)) * std::tanh(pre(2));
     const float h = sigmoid(pre(3)) * std::tanh(c[j]);
     out[j] = h;

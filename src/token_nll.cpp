@@ -22,7 +22,6 @@
 
 #include <cstdint>
 #include <exception>
-#include <string>
 
 #include "ffi_message.h"
 #include "kernel_dispatch.h"
