@@ -85,7 +85,8 @@ at::Tensor run(const at::Tensor &inputs, const at::Tensor &w, const at::Tensor &
   at::Tensor hz = at::empty({n, hidden + zdim}, w.options());  // [h; z], h rewritten each step
   hz.narrow(1, 0, hidden).copy_(h0);
   hz.narrow(1, hidden, zdim).copy_(z);
-  at::Tensor c = c0.to(at::kFloat).contiguous().clone();  // [N, H]
+  at::Tensor c = at::empty({n, hidden}, x.options());  // [N, H], updated in place
+  c.copy_(c0);
   at::Tensor out = at::empty({n, steps, hidden}, x.options());
   at::Tensor gates = at::empty({n, 4 * hidden}, w.options());
   const int bf16 = kind == at::kBFloat16 ? 1 : 0;
