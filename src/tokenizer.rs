@@ -67,6 +67,24 @@ pub struct TextTokenizer {
     ascii: Option<Tokenizer>,
 }
 
+/// `tok` without its normalizer where that is a Unicode normal form, which leaves ASCII text as
+/// it is; None for any other normalizer (or none).
+fn ascii_twin(tok: &Tokenizer) -> Option<Tokenizer> {
+    match tok.get_normalizer() {
+        Some(
+            NormalizerWrapper::NFC(_)
+            | NormalizerWrapper::NFD(_)
+            | NormalizerWrapper::NFKC(_)
+            | NormalizerWrapper::NFKD(_),
+        ) => {
+            let mut plain = tok.clone();
+            plain.with_normalizer(None::<NormalizerWrapper>);
+            Some(plain)
+        }
+        _ => None,
+    }
+}
+
 fn special_tokens() -> Vec<AddedToken> {
     SPECIALS
         .iter()
@@ -166,21 +184,9 @@ impl TextTokenizer {
         Self::checked(inner).with_context(|| format!("tokenizer {}", path.display()))
     }
 
-    /// Every tokenizer textvae uses must put the special tokens at ids 0..=3: the model relies on it.
+    /// Every tokenizer textvae uses must put the special tokens at ids 0..=3: the model relies on
+    /// it. A checked one gets its twin for ASCII text ([`ascii_twin`]).
     fn checked(inner: Tokenizer) -> Result<Self> {
-        let ascii = match inner.get_normalizer() {
-            Some(
-                NormalizerWrapper::NFC(_)
-                | NormalizerWrapper::NFD(_)
-                | NormalizerWrapper::NFKC(_)
-                | NormalizerWrapper::NFKD(_),
-            ) => {
-                let mut plain = inner.clone();
-                plain.with_normalizer(None::<NormalizerWrapper>);
-                Some(plain)
-            }
-            _ => None,
-        };
         // Ids must be exactly 0..n: the embedding and output layers have n rows.
         let vocab = inner.get_vocab(true);
         let n = vocab.len();
@@ -196,6 +202,7 @@ impl TextTokenizer {
                 None => bail!("special token {name} is missing: not a textvae tokenizer"),
             }
         }
+        let ascii = ascii_twin(&inner);
         Ok(Self { inner, ascii })
     }
 
@@ -239,8 +246,8 @@ impl TextTokenizer {
     }
 
     /// Token ids of each of `texts`, encoded in parallel (the tokenizers crate's batch encoding
-    /// on its thread pool), ASCII texts apart where they skip the normalizer. An error names the
-    /// first text that fails.
+    /// on its thread pool); ASCII texts go in a batch of their own where they may skip the
+    /// normalizer. An error names the first text that fails.
     pub fn encode_many(&self, texts: &[String]) -> Result<Vec<Vec<u32>>> {
         let Some(plain) = &self.ascii else {
             return self.encode_group(&self.inner, texts.iter().enumerate());
