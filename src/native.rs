@@ -245,18 +245,54 @@ mod tests {
         if !kernels_run_on(Device::Cpu) {
             return;
         }
-        // Logits far beyond exp's float range, which only the subtracted maximum keeps finite.
-        let wide = Tensor::from_slice(&[500.0f32, -500.0, 499.0, 0.0, 1e4, 1e4 - 1.0, -3.0, 2.0])
-            .view([2, 4]);
-        let bias = Tensor::zeros([4], (Kind::Float, Device::Cpu));
-        let targets = Tensor::from_slice(&[2i64, 1]);
-        let got = token_nll(&wide, &bias, &targets).unwrap();
-        let want = reference(&wide, &bias, &targets);
-        assert!(got.isfinite().all().int64_value(&[]) == 1);
-        assert!(
-            (&got - &want).abs().max().double_value(&[]) < 1e-4,
-            "{got:?} {want:?}"
-        );
+        // Logits far beyond exp's float range. The exponentials are taken against the target's
+        // logit: rows 0 and 1 have targets 500 and 103 nats under their maximum (past the
+        // 64 allowed, so the pass is redone against the maximum), rows 2 and 3 have likely
+        // targets at large magnitudes, and row 4 a maximum that is not a chunk's.
+        let wide = Tensor::from_slice(&[
+            500.0f32,
+            -500.0,
+            499.0,
+            0.0, // target 0.0
+            100.0,
+            99.0,
+            -3.0,
+            2.0, // target -3.0
+            1e4,
+            1e4 - 1.0,
+            -3.0,
+            2.0, // target 1e4 - 1
+            -1e4,
+            -1e4 - 1.0,
+            -1e4 + 2.0,
+            -1e4 + 0.5, // target -1e4
+            -2.0,
+            -1.0,
+            30.0,
+            0.0, // target -2.0 (32 nats under)
+        ])
+        .view([5, 4]);
+        let targets = Tensor::from_slice(&[3i64, 2, 1, 0, 0]);
+        // As they are (the scalar tail alone), and ten times over (vector chunks and a tail).
+        for wide in [wide.shallow_clone(), wide.repeat([1, 10])] {
+            let bias = Tensor::zeros([wide.size()[1]], (Kind::Float, Device::Cpu));
+            let got = token_nll(&wide, &bias, &targets).unwrap();
+            let want = reference(&wide, &bias, &targets);
+            assert!(got.isfinite().all().int64_value(&[]) == 1);
+            assert!(
+                (&got - &want).abs().max().double_value(&[]) < 1e-4,
+                "{got:?} {want:?}"
+            );
+        }
+        // A NaN logit, in a vector chunk or in the tail, makes its row's NLL NaN (training
+        // skips a step whose loss is not finite), and only its row's.
+        let logits = Tensor::randn([3, 40], (Kind::Float, Device::Cpu));
+        let _ = logits.get(0).get(5).fill_(f64::NAN);
+        let _ = logits.get(1).get(37).fill_(f64::NAN);
+        let bias = Tensor::zeros([40], (Kind::Float, Device::Cpu));
+        let got = token_nll(&logits, &bias, &Tensor::from_slice(&[1i64, 2, 3])).unwrap();
+        let nan: Vec<bool> = Vec::try_from(got.isnan()).unwrap();
+        assert_eq!(nan, [true, true, false]);
         // Every other column of a wider tensor: rows not contiguous with each other.
         let base = Tensor::randn([6, 40], (Kind::Float, Device::Cpu));
         let strided = base.slice(1, 0, 40, 2);

@@ -1,14 +1,15 @@
 // The row loop of src/token_nll.cpp, built once per x86 instruction set libtorch dispatches its
 // own CPU kernels to (build.rs: -DCPU_CAPABILITY=AVX2 or AVX512 with that set's compiler flags,
-// as ATen builds its kernels), on ATen's vector types and its exp_u20, the exponential ATen's
-// softmax kernels use. Only this file is compiled for the wider set, and only its one C function
-// is called from outside, after src/token_nll.cpp has asked libtorch which set this CPU runs.
+// as ATen builds its kernels), on ATen's vector types and kernel_vec.h's exponential. Only this
+// file is compiled for the wider set, and only its one C function is called from outside, after
+// src/token_nll.cpp has asked libtorch which set this CPU runs.
 
 #include "kernel_vec.h"
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 
 #define TEXTVAE_ROWS TEXTVAE_CAT(textvae_token_nll_rows_, CPU_CAPABILITY)
 
@@ -37,49 +38,67 @@ inline float horizontal_sum(const fVec &v) {
   return at::vec::vec_reduce_all([](const fVec &a, const fVec &b) { return a + b; }, v);
 }
 
-// -log softmax(x + bias)[y] of one row of `vocab` entries. Two passes (maximum, then the sum of
-// exponentials); a row of 10k entries stays in the core's cache between them. With `grad`, a
-// third writes the NLL's gradient with respect to the logits there, softmax(x + bias) - onehot(y)
-// (`grad` may be `x` itself: each chunk is read before it is written).
+// A row's largest entry of logits + bias and its sum of exp(logits + bias - shift), in one pass.
 template <typename T>
-float row_nll(const T *x, const float *bias, int64_t y, int64_t vocab, T *grad) {
+std::pair<float, float> max_and_sum(const T *x, const float *bias, int64_t vocab, float shift) {
   const int64_t body = vocab - vocab % kChunk;
+  const fVec vshift(shift);
   fVec vmax(-std::numeric_limits<float>::infinity());
-  for (int64_t v = 0; v < body; v += kChunk) {
-    Pair p = load_biased(x, bias, v);
-    vmax = at::vec::maximum(vmax, at::vec::maximum(p.lo, p.hi));
-  }
-  float m = horizontal_max(vmax);
-  for (int64_t v = body; v < vocab; ++v) {
-    m = std::max(m, biased(x, bias, v));
-  }
-  const fVec vm(m);
   fVec vsum(0.0f);
   for (int64_t v = 0; v < body; v += kChunk) {
     Pair p = load_biased(x, bias, v);
-    vsum = vsum + (p.lo - vm).exp_u20() + (p.hi - vm).exp_u20();
+    // maximum() propagates NaN, so a NaN logit makes the row's maximum NaN.
+    vmax = at::vec::maximum(vmax, at::vec::maximum(p.lo, p.hi));
+    vsum = vsum + exp_fast(p.lo - vshift) + exp_fast(p.hi - vshift);
   }
+  float m = horizontal_max(vmax);
   float sum = horizontal_sum(vsum);
   for (int64_t v = body; v < vocab; ++v) {
-    sum += std::exp(biased(x, bias, v) - m);
+    const float e = biased(x, bias, v);
+    m = std::isnan(e) ? e : std::max(m, e);
+    sum += std::exp(e - shift);
   }
+  return {m, sum};
+}
+
+// How far above the shift a row's maximum may lie for its sum of exponentials to be kept:
+// e^64 times a vocabulary of a million is still far inside float's range.
+constexpr float kMaxGap = 64.0f;
+
+// -log softmax(x + bias)[y] of one row of `vocab` entries. Its exponentials are taken against the
+// target's own logit rather than the row's maximum, so one pass computes both (the maximum is
+// only needed to check the shift): NLL = log sum_v exp(x_v - x_y), where the sum is near 1 for a
+// likely target. A target more than 64 nats under the maximum (an overflow risk) takes a second
+// pass against the maximum, as does a NaN. With `grad`, a last pass writes the NLL's gradient
+// with respect to the logits there, softmax(x + bias) - onehot(y) (`grad` may be `x` itself: each
+// chunk is read before it is written).
+template <typename T>
+float row_nll(const T *x, const float *bias, int64_t y, int64_t vocab, T *grad) {
   if (y < 0 || y >= vocab) {
     return std::numeric_limits<float>::quiet_NaN();
   }
-  // The gap to the maximum first: it is small where the target is likely, and adding the
-  // maximum's magnitude before subtracting would cost its rounding.
-  const float nll = (m - biased(x, bias, y)) + std::log(sum);
+  const float target = biased(x, bias, y);
+  float shift = target;
+  auto [m, sum] = max_and_sum(x, bias, vocab, shift);
+  if (!(m - shift <= kMaxGap)) {
+    shift = m;
+    sum = max_and_sum(x, bias, vocab, shift).second;
+  }
+  // The gap to the shift first: adding the shift's magnitude before subtracting would cost its
+  // rounding.
+  const float nll = (shift - target) + std::log(sum);
   if (grad != nullptr) {
-    // The exponentials again rather than kept from the second pass: kept in a bfloat16 row they
+    // The exponentials again rather than kept from the pass above: kept in a bfloat16 row they
     // would be rounded twice (before and after the division).
+    const int64_t body = vocab - vocab % kChunk;
     const float inv = 1.0f / sum;
-    const fVec vinv(inv);
+    const fVec vinv(inv), vshift(shift);
     for (int64_t v = 0; v < body; v += kChunk) {
       Pair p = load_biased(x, bias, v);
-      store(grad + v, Pair{(p.lo - vm).exp_u20() * vinv, (p.hi - vm).exp_u20() * vinv});
+      store(grad + v, Pair{exp_fast(p.lo - vshift) * vinv, exp_fast(p.hi - vshift) * vinv});
     }
     for (int64_t v = body; v < vocab; ++v) {
-      grad[v] = static_cast<T>(std::exp(biased(x, bias, v) - m) * inv);
+      grad[v] = static_cast<T>(std::exp(biased(x, bias, v) - shift) * inv);
     }
     grad[y] = static_cast<T>(static_cast<float>(grad[y]) - 1.0f);
   }
