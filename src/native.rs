@@ -246,32 +246,17 @@ mod tests {
             return;
         }
         // Logits far beyond exp's float range. The exponentials are taken against the target's
-        // logit: rows 0 and 1 have targets 500 and 103 nats under their maximum (past the
-        // 64 allowed, so the pass is redone against the maximum), rows 2 and 3 have likely
-        // targets at large magnitudes, and row 4 a maximum that is not a chunk's.
-        let wide = Tensor::from_slice(&[
-            500.0f32,
-            -500.0,
-            499.0,
-            0.0, // target 0.0
-            100.0,
-            99.0,
-            -3.0,
-            2.0, // target -3.0
-            1e4,
-            1e4 - 1.0,
-            -3.0,
-            2.0, // target 1e4 - 1
-            -1e4,
-            -1e4 - 1.0,
-            -1e4 + 2.0,
-            -1e4 + 0.5, // target -1e4
-            -2.0,
-            -1.0,
-            30.0,
-            0.0, // target -2.0 (32 nats under)
-        ])
-        .view([5, 4]);
+        // logit: rows 0 and 1 have targets 500 and 103 nats under their maximum (past the 64
+        // allowed, so the pass is redone against the maximum), rows 2 and 3 likely targets at
+        // large magnitudes, row 4 a target 32 nats under (kept: terms up to e^32 in the sum).
+        let rows: [[f32; 4]; 5] = [
+            [500.0, -500.0, 499.0, 0.0],
+            [100.0, 99.0, -3.0, 2.0],
+            [1e4, 1e4 - 1.0, -3.0, 2.0],
+            [-1e4, -1e4 - 1.0, -1e4 + 2.0, -1e4 + 0.5],
+            [-2.0, -1.0, 30.0, 0.0],
+        ];
+        let wide = Tensor::from_slice(rows.as_flattened()).view([5, 4]);
         let targets = Tensor::from_slice(&[3i64, 2, 1, 0, 0]);
         // As they are (the scalar tail alone), and ten times over (vector chunks and a tail).
         for wide in [wide.shallow_clone(), wide.repeat([1, 10])] {
