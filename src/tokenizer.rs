@@ -250,13 +250,12 @@ impl TextTokenizer {
     /// normalizer. An error names the first text that fails.
     pub fn encode_many(&self, texts: &[String]) -> Result<Vec<Vec<u32>>> {
         let Some(plain) = &self.ascii else {
-            return self.encode_group(&self.inner, texts.iter().enumerate());
+            return self.encode_group(&self.inner, texts.iter().map(String::as_str).collect());
         };
-        let (ascii, other): (Vec<_>, Vec<_>) =
-            texts.iter().enumerate().partition(|(_, t)| t.is_ascii());
+        let (ascii, other): (Vec<_>, Vec<_>) = (0..texts.len()).partition(|&i| texts[i].is_ascii());
         let mut out = vec![Vec::new(); texts.len()];
-        for (tok, group) in [(plain, ascii), (&self.inner, other)] {
-            let at: Vec<usize> = group.iter().map(|&(i, _)| i).collect();
+        for (tok, at) in [(plain, ascii), (&self.inner, other)] {
+            let group = at.iter().map(|&i| texts[i].as_str()).collect();
             for (i, ids) in at.into_iter().zip(self.encode_group(tok, group)?) {
                 out[i] = ids;
             }
@@ -264,18 +263,12 @@ impl TextTokenizer {
         Ok(out)
     }
 
-    /// The ids of the texts of `group` ((index, text) pairs), by `tok` in one batch. An error
-    /// names the first text that fails.
-    fn encode_group<'a>(
-        &self,
-        tok: &Tokenizer,
-        group: impl IntoIterator<Item = (usize, &'a String)>,
-    ) -> Result<Vec<Vec<u32>>> {
-        let inputs: Vec<&str> = group.into_iter().map(|(_, t)| t.as_str()).collect();
-        match tok.encode_batch_fast(inputs.clone(), false) {
+    /// The ids of `texts` by `tok` in one batch. An error names the first text that fails.
+    fn encode_group(&self, tok: &Tokenizer, texts: Vec<&str>) -> Result<Vec<Vec<u32>>> {
+        match tok.encode_batch_fast(texts.clone(), false) {
             Ok(encodings) => Ok(encodings.iter().map(|e| e.get_ids().to_vec()).collect()),
             // Rare (the tokenizers textvae builds accept any text): find which one, and why.
-            Err(_) => inputs.iter().map(|t| self.encode(t)).collect(),
+            Err(_) => texts.iter().map(|t| self.encode(t)).collect(),
         }
     }
 
