@@ -92,9 +92,9 @@ median {result['tokens_per_sec_median']:.0f} tokens/s); test evaluation {eval_se
 Peak RSS: training {result['train_peak_rss_mib'] or float('nan'):.0f} MiB, evaluation {result['eval_peak_rss_mib'] or float('nan'):.0f} MiB.
 Training curves: [{os.path.basename(out)}.png]({os.path.basename(out)}.png).
 
-| test set | NLL (IW, K={t['iw_samples']}) | PPL | KL | MI | AU | rec | ELBO | token accuracy | exact match | BLEU-4 |
+| test set | NLL (IW, K={t['iw_samples']}) | PPL | KL (to N(0, I)) | MI | AU | rec | ELBO | token accuracy | exact match | BLEU-4 |
 |---|---|---|---|---|---|---|---|---|---|---|
-| textvae ({t['sentences']} sentences) | {t['nll']:.2f} | {t['ppl']:.2f} | {t['kl']:.2f} | {t['mi']:.2f} | {t['au']} | {t['rec']:.2f} | {t['elbo']:.2f} | {t['rec_acc']:.3f} | {t['rec_exact']:.3f} | {t['rec_bleu']:.1f} |
+| textvae ({t['sentences']} sentences) | {t['nll']:.2f} | {t['ppl']:.2f} | {t['kl']:.2f} ({t.get('kl_normal', t['kl']):.2f}) | {t['mi']:.2f} | {t['au']} | {t['rec']:.2f} | {t['elbo']:.2f} | {t['rec_acc']:.3f} | {t['rec_exact']:.3f} | {t['rec_bleu']:.1f} |
 """
 recs = [l.rstrip("\n").split("\t") for l in open(os.path.join(model, "reconstructions.tsv"))]
 walks = open(os.path.join(model, "interpolations.txt")).read().strip().split("\n\n")

@@ -76,9 +76,9 @@ Machine: {result['machine']}. `textvae train` {('`' + extra + '`') if extra else
 ({result['steps']} steps, {result['epochs']} epochs, median {result['tokens_per_sec_median']:.0f} tokens/s).
 310 unseen sentences (every 89th line of tatoeba_eng.txt):
 
-| NLL (IW, K={t['iw_samples']}) | KL | MI | AU | rec | ELBO | token accuracy | exact match | BLEU-4 |
+| NLL (IW, K={t['iw_samples']}) | KL (to N(0, I)) | MI | AU | rec | ELBO | token accuracy | exact match | BLEU-4 |
 |---|---|---|---|---|---|---|---|---|
-| {t['nll']:.2f} | {t['kl']:.2f} | {t['mi']:.2f} | {t['au']} | {t['rec']:.2f} | {t['elbo']:.2f} | {t['rec_acc']:.3f} | {t['rec_exact']:.3f} | {t['rec_bleu']:.1f} |
+| {t['nll']:.2f} | {t['kl']:.2f} ({t.get('kl_normal', t['kl']):.2f}) | {t['mi']:.2f} | {t['au']} | {t['rec']:.2f} | {t['elbo']:.2f} | {t['rec_acc']:.3f} | {t['rec_exact']:.3f} | {t['rec_bleu']:.1f} |
 
 Greedy reconstructions (every 31st unseen sentence):
 

@@ -28,6 +28,7 @@ use tch::{nn, Device, Tensor};
 use crate::config::{ModelConfig, TrainConfig};
 use crate::files::{write_atomic, write_atomic_with};
 use crate::model::Vae;
+use crate::prior::Prior;
 use crate::tokenizer::TextTokenizer;
 
 pub const CONFIG: &str = "config.json";
@@ -95,6 +96,33 @@ pub fn save_weights(vs: &nn::VarStore, path: &Path) -> Result<()> {
         vs.save(tmp)
             .with_context(|| format!("writing weights {}", tmp.display()))
     })
+}
+
+/// Saves the weights with the model's prior beside them (a mixture's tensors under `prior.*`;
+/// nothing more for N(0, I)), as one file replaced at once.
+pub fn save_model(vs: &nn::VarStore, prior: &Prior, path: &Path) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(name, t)| (name, t.to_device(Device::Cpu)))
+        .collect();
+    tensors.extend(prior.tensors());
+    write_atomic_with(path, |tmp| {
+        Tensor::write_safetensors(&tensors, tmp)
+            .with_context(|| format!("writing {}", tmp.display()))
+    })
+}
+
+/// The prior stored in weights file `path`: N(0, I) unless it holds a fitted mixture.
+pub fn read_prior(path: &Path, latent_dim: i64, device: Device) -> Result<Prior> {
+    let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(path)
+        .with_context(|| format!("reading {} (corrupt?)", path.display()))?
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("prior."))
+        .collect();
+    let prior = Prior::from_tensors(&tensors, latent_dim)
+        .with_context(|| format!("reading the prior in {}", path.display()))?;
+    Ok(prior.to_device(device))
 }
 
 /// The tensor of a resume point that holds its `TrainState`, as JSON bytes.
@@ -286,7 +314,7 @@ pub fn load_weights(dir: &Path, weights: &str, device: Device) -> Result<Loaded>
     check_tokenizer(&tokenizer, &config)
         .with_context(|| format!("checkpoint {}", dir.display()))?;
     let mut vs = nn::VarStore::new(device);
-    let vae = Vae::new(vs.root(), &config.model);
+    let mut vae = Vae::new(vs.root(), &config.model);
     let path = dir.join(weights);
     vs.load(&path)
         .map_err(|e| anyhow!("{e}"))
@@ -296,6 +324,7 @@ pub fn load_weights(dir: &Path, weights: &str, device: Device) -> Result<Loaded>
                 path.display()
             )
         })?;
+    vae.prior = read_prior(&path, config.model.latent_dim, device)?;
     Ok(Loaded {
         dir: dir.to_path_buf(),
         config,

@@ -20,6 +20,7 @@ use crate::eval;
 use crate::latent::{self, Method, Spread};
 use crate::model::Vae;
 use crate::plot;
+use crate::prior::Prior;
 use crate::progress::Progress;
 use crate::runtime;
 use crate::sample::{self, Decoding, GenerateOptions, Strategy};
@@ -53,6 +54,9 @@ pub enum Command {
     Encode(EncodeArgs),
     /// Evaluate a model on sentences: ELBO, importance-weighted NLL, perplexity, MI, active units.
     Eval(EvalArgs),
+    /// Fit a model's prior to sentences' posteriors (training does this when it ends), or set it
+    /// back to N(0, I).
+    FitPrior(FitPriorArgs),
     /// Draw a model's training curves (reconstruction, KL, beta, validation ELBO) as a PNG.
     Plot(PlotArgs),
     /// Build a tokenizer alone and save it as JSON.
@@ -148,6 +152,13 @@ pub struct TrainArgs {
     /// the saved model does not use it.
     #[arg(long)]
     pub bow_weight: Option<f64>,
+    /// When the run ends, fit the prior p(z) to the training sentences' posteriors as a mixture
+    /// of this many Gaussians (ex-post density estimation, Ghosh et al. 2020), stored with the
+    /// kept weights: `generate` samples where sentences' codes live and `eval`'s NLL and KL use
+    /// it. 0 keeps N(0, I). Training's objective and --target-kl use N(0, I) either way
+    /// [default: 1000].
+    #[arg(long)]
+    pub prior_components: Option<usize>,
     /// Autoencoder pretraining (Li et al. 2019): this many steps at beta 0, then the decoder is
     /// re-initialised and the KL schedule begins (0 = off).
     #[arg(long)]
@@ -350,6 +361,7 @@ impl TrainArgs {
         set(&mut t.target_kl, self.target_kl);
         set(&mut t.bow_weight, self.bow_weight);
         set(&mut t.encoder_weight_decay, self.encoder_weight_decay);
+        set(&mut t.prior_components, self.prior_components);
         set(&mut t.select, self.select);
         set(&mut t.ae_steps, self.ae_steps);
         set(&mut t.log_every, self.log_every);
@@ -647,6 +659,18 @@ pub struct EvalArgs {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct FitPriorArgs {
+    /// The sentences whose posteriors the prior is fitted to, one per line: the model's training
+    /// sentences, not those you will evaluate on.
+    pub file: PathBuf,
+    /// Gaussians in the mixture; 0 sets the prior back to N(0, I).
+    #[arg(long, default_value_t = crate::config::PRIOR_COMPONENTS)]
+    pub components: usize,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct VocabArgs {
     /// Corpus to build the tokenizer from.
     pub corpus: PathBuf,
@@ -680,6 +704,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Encode(a) => run_encode(a),
         Command::Eval(a) => run_eval(a),
         Command::Plot(a) => run_plot(a),
+        Command::FitPrior(a) => run_fit_prior(a),
         Command::Vocab(a) => run_vocab(a),
         Command::Info(a) => run_info(a),
     }
@@ -908,7 +933,7 @@ fn walk_ends(
 ) -> Result<Vec<(Vec<f64>, Vec<f64>)>> {
     if a.prior {
         let zd = model.vae.latent_dim;
-        let z = latent::rows(&Tensor::randn([2, zd], (tch::Kind::Float, Device::Cpu)))?;
+        let z = latent::rows(&model.vae.prior.sample(2, zd, Device::Cpu)?)?;
         return Ok(vec![(z[0].clone(), z[1].clone())]);
     }
     let pairs: Vec<(String, String)> = match (&a.pairs, &a.a, &a.b) {
@@ -955,6 +980,35 @@ fn read_pairs(path: &Path) -> Result<Vec<(String, String)>> {
             ),
         })
         .collect()
+}
+
+fn run_fit_prior(a: FitPriorArgs) -> Result<()> {
+    anyhow::ensure!(
+        a.components <= crate::config::MAX_PRIOR_COMPONENTS,
+        "--components must be at most {}, got {}",
+        crate::config::MAX_PRIOR_COMPONENTS,
+        a.components
+    );
+    let corpus = read_inputs(Some(&a.file))?;
+    let dir = checkpoint::resolve(a.model.checkpoint.as_deref())?;
+    // A training run in the directory rewrites model.safetensors: the prior must not be fitted
+    // to weights it is about to replace.
+    let _lock = crate::files::DirLock::acquire(&dir)?;
+    let (mut model, _) = a.model.load()?;
+    let seqs = encode_inputs(&model, &corpus)?;
+    let seed = a.model.seed.unwrap_or(model.config.train.seed);
+    let started = std::time::Instant::now();
+    let path = dir.join(checkpoint::WEIGHTS);
+    let report = train::install_prior(&mut model.vae, &model.vs, &seqs, a.components, seed, &path)?;
+    match report {
+        Some(r) => println!(
+            "{}: {}",
+            dir.display(),
+            train::prior_message(&r, None, started.elapsed().as_secs_f64())
+        ),
+        None => println!("{}: the prior is N(0, I)", dir.display()),
+    }
+    Ok(())
 }
 
 fn run_encode(a: EncodeArgs) -> Result<()> {
@@ -1053,6 +1107,14 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             r.tokens
         );
         println!("rec  {:.2}  kl {:.2}  elbo {:.2}  nats/sentence (1 sample, beta 1: an upper bound on the NLL)", r.rec, r.kl, r.neg_elbo);
+        println!(
+            "prior {}{}",
+            model.vae.prior.describe(),
+            match model.vae.prior {
+                Prior::Normal => String::new(),
+                Prior::Mixture(_) => format!(" (KL to N(0, I): {:.2})", r.kl_normal),
+            }
+        );
         println!(
             "nll  {:.2}  nats/sentence (importance-weighted, K = {}, samples in {})",
             r.nll, r.iw_samples, r.iw_precision
@@ -1199,6 +1261,10 @@ mod tests {
                 both(m.out_dropout.to_string(), ptb.model.out_dropout.to_string()),
             ),
             ("weight-drop", format!("[default: {}]", m.weight_drop)),
+            (
+                "prior-components",
+                format!("[default: {}]", t.prior_components),
+            ),
             ("layer-dropout", format!("[default: {}]", m.layer_dropout)),
             (
                 "dropout-mask",

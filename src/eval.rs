@@ -16,6 +16,7 @@ use crate::data::{evenly_spaced, sorted_batches, Batch, Sentences};
 use crate::latent::reconstruction_score;
 use crate::loss::kl_per_dim;
 use crate::model::{reconstruction_nll, Pass, Vae, ZFrom};
+use crate::prior::{diagonal_log_prob, Prior};
 use crate::sample::Decoding;
 
 const LN_2PI: f64 = 1.837_877_066_409_345_3;
@@ -30,8 +31,11 @@ pub struct ElboStats {
     pub tokens: usize,
     /// Reconstruction NLL per sentence (nats).
     pub rec: f64,
-    /// KL(q(z|x) || p(z)) per sentence (nats).
+    /// KL(q(z|x) || p(z)) per sentence (nats), against the model's prior.
     pub kl: f64,
+    /// KL(q(z|x) || N(0, I)) per sentence: the rate training's objective prices (`--target-kl`),
+    /// equal to `kl` until a mixture prior is fitted.
+    pub kl_normal: f64,
     /// rec + kl: the negative ELBO per sentence, an upper bound on the NLL (`elbo` in JSON, as
     /// the literature's tables name it).
     #[serde(rename = "elbo")]
@@ -57,6 +61,7 @@ pub fn evaluate_elbo(
         let mut tokens = 0usize;
         let mut rec = Tensor::zeros([], (Kind::Double, device));
         let mut kl_dims = Tensor::zeros([vae.latent_dim], (Kind::Double, device));
+        let mut kl_prior = Tensor::zeros([], (Kind::Double, device));
         let mut mus = Vec::new();
         for (_, batch) in sorted_batches(seqs, batch_size, device) {
             let out = vae.forward(&batch, &batch.inputs, Pass::Eval, ZFrom::Sample);
@@ -66,17 +71,25 @@ pub fn evaluate_elbo(
                 false,
                 Kind::Double,
             ); // [Z]
+            if let Prior::Mixture(_) = vae.prior {
+                kl_prior += vae.prior.kl(&out.mu, &out.logvar).sum(Kind::Double);
+            }
             tokens += batch.n_tokens;
             mus.push(out.mu);
         }
         let n = seqs.len() as f64;
         let kl_dims: Vec<f64> = Vec::try_from((kl_dims / n).to_device(Device::Cpu))?;
-        let (rec, kl) = (rec.double_value(&[]) / n, kl_dims.iter().sum::<f64>());
+        let (rec, kl_normal) = (rec.double_value(&[]) / n, kl_dims.iter().sum::<f64>());
+        let kl = match vae.prior {
+            Prior::Normal => kl_normal,
+            Prior::Mixture(_) => kl_prior.double_value(&[]) / n,
+        };
         Ok(ElboStats {
             sentences: seqs.len(),
             tokens,
             rec,
             kl,
+            kl_normal,
             neg_elbo: rec + kl,
             au: active_units(&Tensor::cat(&mus, 0), AU_THRESHOLD),
             kl_dims,
@@ -93,12 +106,6 @@ pub fn active_units(mu: &Tensor, threshold: f64) -> usize {
         .to_kind(Kind::Double)
         .var_dim([0].as_slice(), true, false); // [Z]
     var.gt(threshold).sum(Kind::Int64).int64_value(&[]) as usize
-}
-
-/// log N(x; mu, exp(logvar)) summed over the last dimension, written through the standardised
-/// `eps` = (x - mu) / sigma: -1/2 sum_d (eps_d^2 + logvar_d + ln 2 pi).
-fn log_normal_std(eps: &Tensor, logvar: &Tensor) -> Tensor {
-    (eps.square() + logvar + LN_2PI).sum_dim_intlist([-1].as_slice(), false, Kind::Float) * -0.5
 }
 
 /// How the importance-weighted NLL's work is cut into passes, by memory rather than a fixed
@@ -165,8 +172,8 @@ pub fn iw_log_likelihood(
             Some(passes.rows),
             passes.kind,
         ); // [B*S]
-        let log_pz = log_normal_std(&z, &z.zeros_like()); // [B*S]
-        let log_qz = log_normal_std(&eps, &logvar_r); // [B*S]
+        let log_pz = vae.prior.log_prob(&z); // [B*S]
+        let log_qz = diagonal_log_prob(&eps, &logvar_r); // [B*S]
         log_w.push((log_px_z + log_pz - log_qz).view([b, s])); // [B, S]
         done += s;
     }
@@ -223,7 +230,7 @@ pub fn mutual_information(mu: &Tensor, logvar: &Tensor) -> f64 {
     let mut log_qz_sum = 0.0f64;
     for z_rows in z.split(chunk, 0) {
         let eps = (z_rows.unsqueeze(1) - mu.unsqueeze(0)) / std.unsqueeze(0); // [C, N, Z]
-        let log_density = log_normal_std(&eps, &logvar.unsqueeze(0).expand_as(&eps)); // [C, N]
+        let log_density = diagonal_log_prob(&eps, &logvar.unsqueeze(0).expand_as(&eps)); // [C, N]
         let log_qz = log_density.logsumexp([1].as_slice(), false) - (n as f64).ln(); // [C]
         log_qz_sum += log_qz.sum(Kind::Double).double_value(&[]);
     }
@@ -260,6 +267,8 @@ pub struct EvalReport {
     pub tokens: usize,
     pub rec: f64,
     pub kl: f64,
+    /// KL to N(0, I), the rate `--target-kl` set (equal to `kl` unless the prior is a mixture).
+    pub kl_normal: f64,
     /// The negative ELBO, rec + kl (`elbo` in JSON).
     #[serde(rename = "elbo")]
     pub neg_elbo: f64,
@@ -329,6 +338,7 @@ pub fn evaluate(
         tokens: elbo.tokens,
         rec: elbo.rec,
         kl: elbo.kl,
+        kl_normal: elbo.kl_normal,
         neg_elbo: elbo.neg_elbo,
         nll: nll / n,
         ppl: perplexity(nll, elbo.tokens),

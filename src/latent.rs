@@ -6,8 +6,9 @@
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use crate::data::{sorted_batches, Corpus, Sentences};
+use crate::data::{evenly_spaced, sorted_batches, Corpus, Sentences};
 use crate::model::Vae;
+use crate::prior::{fit_mixture, normal_kl, FitReport, Prior};
 use crate::sample::{decode_ids, Decoding};
 use crate::tokenizer::{TextTokenizer, EOS, UNK};
 
@@ -114,6 +115,62 @@ pub fn spread_over_sentences(texts: &[String], shown: usize) -> Vec<String> {
         .map(|i| met[(2 * i * m + n) / (2 * n)].clone())
         .collect()
 }
+
+/// The prior is fitted to the posteriors of at most this many sentences, evenly spaced through
+/// the corpus: past that, more sentences move a mixture of a few thousand components little and
+/// cost encoding time and memory.
+pub const MAX_PRIOR_SENTENCES: usize = 200_000;
+
+/// Fits a mixture of `components` Gaussians to the aggregate posterior of `seqs` (the training
+/// sentences), on `device`: `prior::fit_mixture` over their posterior means and variances.
+pub fn fit_prior(
+    vae: &Vae,
+    seqs: &Sentences,
+    components: usize,
+    seed: u64,
+    device: Device,
+) -> Result<(Prior, FitReport)> {
+    let mut subset = Sentences::default();
+    let chosen = evenly_spaced(seqs.len(), MAX_PRIOR_SENTENCES);
+    let seqs = if chosen.len() < seqs.len() {
+        for i in chosen {
+            subset.push(seqs.get(i));
+        }
+        &subset
+    } else {
+        seqs
+    };
+    let (mu, logvar) = encode(vae, seqs, ENCODE_BATCH, device);
+    let (mixture, report) = tch::no_grad(|| {
+        fit_mixture(
+            &mu.to_device(device),
+            &logvar.to_device(device),
+            components,
+            seed,
+        )
+    })?;
+    Ok((Prior::Mixture(mixture), report))
+}
+
+/// Mean KL per sentence of `seqs`' posteriors to N(0, I) and to the model's prior (None for no
+/// sentences).
+pub fn mean_kls(vae: &Vae, seqs: &Sentences, device: Device) -> Option<(f64, f64)> {
+    if seqs.is_empty() {
+        return None;
+    }
+    let (mu, logvar) = encode(vae, seqs, ENCODE_BATCH, device);
+    let (mu, logvar) = (mu.to_device(device), logvar.to_device(device));
+    tch::no_grad(|| {
+        let mean = |kl: Tensor| kl.mean(Kind::Double).double_value(&[]);
+        Some((
+            mean(normal_kl(&mu, &logvar)),
+            mean(vae.prior.kl(&mu, &logvar)),
+        ))
+    })
+}
+
+/// Sentences per encoder pass when the prior is fitted.
+const ENCODE_BATCH: usize = 256;
 
 /// Posterior means and log-variances of `seqs`, in input order: ([N, Z], [N, Z]) on the CPU.
 pub fn encode(vae: &Vae, seqs: &Sentences, batch_size: usize, device: Device) -> (Tensor, Tensor) {

@@ -14,6 +14,7 @@ pub mod model;
 pub mod native;
 pub mod optim;
 pub mod plot;
+pub mod prior;
 pub mod progress;
 pub mod runtime;
 pub mod sample;

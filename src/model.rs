@@ -12,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 use crate::config::{DropoutMask, ModelConfig};
 use crate::data::{Batch, RealTokens};
 use crate::native;
+use crate::prior::Prior;
 use crate::tokenizer::PAD;
 
 pub struct Encoder {
@@ -724,6 +725,9 @@ pub struct Vae {
     pub encoder: Encoder,
     pub decoder: Decoder,
     pub latent_dim: i64,
+    /// p(z): N(0, I), or the mixture fitted to the training posteriors after training
+    /// (`prior`), read from the weights file beside the network's variables.
+    pub prior: Prior,
     /// The number format of the matrix products (convolutions, LSTM, output layer) in
     /// `Pass::Train` forward passes (float32 unless training sets another); `Pass::Eval` forward
     /// passes always take float32.
@@ -757,6 +761,7 @@ impl Vae {
             encoder,
             decoder,
             latent_dim: cfg.latent_dim,
+            prior: Prior::Normal,
             train_kind: Kind::Float,
         }
     }

@@ -565,7 +565,8 @@ pub struct GenerateOptions {
     pub batch_size: usize,
 }
 
-/// `n` sentences decoded from z ~ N(0, I), handed to `emit` one by one as each batch is done.
+/// `n` sentences decoded from z ~ p(z) (the model's prior: N(0, I) or its fitted mixture),
+/// handed to `emit` one by one as each batch is done.
 /// z is drawn a batch at a time, so any `n` runs in the memory of one batch.
 pub fn generate(
     vae: &Vae,
@@ -578,7 +579,7 @@ pub fn generate(
     let mut done = 0;
     while done < opts.n {
         let rows = (opts.n - done).min(batch);
-        let z = Tensor::f_randn([rows as i64, vae.latent_dim], (Kind::Float, device))?; // [B, Z]
+        let z = vae.prior.sample(rows as i64, vae.latent_dim, device)?; // [B, Z]
         for line in decode_texts(vae, tok, &z, &opts.decoding, batch)? {
             emit(&line)?;
         }

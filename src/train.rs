@@ -5,7 +5,8 @@
 //! the budget, or halved on a plateau of that criterion once beta has settled. Checkpoints (at
 //! epoch ends and every --save-every minutes) hold the weights, Adam's state and the place in
 //! the epoch, and each step's noise is seeded by the step, so a run killed at any moment resumes
-//! exactly where it saved.
+//! exactly where it saved. When the run ends, the prior is fitted to the kept weights'
+//! posteriors of the training sentences (`prior`) and stored with them.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -24,13 +25,14 @@ use crate::config::{LrSchedule, ModelConfig, Selection, TrainConfig};
 use crate::data::{self, Batch, Encoded, Sentences};
 use crate::eval::{evaluate_elbo, iw_nll, perplexity, ElboStats};
 use crate::files::{self, DirLock};
-use crate::latent::{reconstruction_score, Score};
+use crate::latent::{self, reconstruction_score, Score};
 use crate::loss::{
     beta_at, bow_nll, budget_progress, kl_per_dim, kl_term, kl_term_of_dim_means, linear_lr,
     word_dropout,
 };
 use crate::model::{BowHead, Pass, Vae, ZFrom};
 use crate::optim::{Adam, StepControl};
+use crate::prior::{FitReport, Prior};
 use crate::runtime;
 use crate::sample::{Decoding, Strategy, DECODE_BATCH};
 use crate::tokenizer::{TextTokenizer, TokenizerSpec};
@@ -158,6 +160,7 @@ pub fn run(req: &TrainRequest, stop: &AtomicBool) -> Result<TrainSummary> {
             break;
         }
     }
+    t.fit_prior()?;
     if stopped_by == StopReason::Interrupted {
         log(&format!(
             "interrupted: checkpoint saved in {}",
@@ -585,6 +588,40 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
+    /// The end of a run: the prior fitted to the kept weights' posteriors of the training
+    /// sentences, saved with them (--prior-components; a Ctrl-C during the fit leaves them with
+    /// N(0, I)).
+    fn fit_prior(&mut self) -> Result<()> {
+        let path = self.dir.join(ckpt::WEIGHTS);
+        if self.cfg.prior_components == 0 || !path.is_file() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        // Training is over and last.safetensors holds where --resume continues: the live
+        // variables can take the kept weights.
+        self.vs
+            .load(&path)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("loading {}", path.display()))?;
+        let report = install_prior(
+            &mut self.vae,
+            &self.vs,
+            &self.prep.train.seqs,
+            self.cfg.prior_components,
+            self.cfg.seed,
+            &path,
+        )?;
+        let kls = latent::mean_kls(&self.vae, &self.prep.valid.seqs, self.req.device);
+        if let Some(report) = report {
+            log(&prior_message(
+                &report,
+                kls,
+                started.elapsed().as_secs_f64(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Validation, model selection, the plateau schedule and the checkpoint at the end of an
     /// epoch, or where an interrupted one stopped (`partial`).
     fn end_epoch(&mut self, partial: bool) -> Result<ElboStats> {
@@ -642,6 +679,44 @@ impl<'a> Trainer<'a> {
         }
         Ok(v.stats)
     }
+}
+
+/// Fits the prior of the model whose variables `vs` holds (`vae`) to the posteriors of `seqs`, a
+/// mixture of `components` Gaussians (0: N(0, I)), and saves the weights with it to `path`.
+/// Returns the fit's report (none for N(0, I)).
+pub fn install_prior(
+    vae: &mut Vae,
+    vs: &nn::VarStore,
+    seqs: &Sentences,
+    components: usize,
+    seed: u64,
+    path: &Path,
+) -> Result<Option<FitReport>> {
+    let (prior, report) = if components == 0 {
+        (Prior::Normal, None)
+    } else {
+        let (prior, report) = latent::fit_prior(vae, seqs, components, seed, vs.device())?;
+        (prior, Some(report))
+    };
+    ckpt::save_model(vs, &prior, path)?;
+    vae.prior = prior;
+    Ok(report)
+}
+
+/// A fitted prior in words: the fit, and the KL of `kls` (to N(0, I) and to the mixture, per
+/// sentence) on the validation sentences.
+pub fn prior_message(report: &FitReport, kls: Option<(f64, f64)>, secs: f64) -> String {
+    let valid = kls.map_or_else(String::new, |(normal, mixture)| {
+        format!("; validation KL {mixture:.2} nats to it ({normal:.2} to N(0, I))")
+    });
+    format!(
+        "prior: a mixture of {} Gaussians fitted to the posteriors of {} training sentences ({} EM iterations, {secs:.1} s); E_q[log p(z)] {:.2} nats per sentence (N(0, I): {:.2}){valid}",
+        report.components,
+        report.sentences,
+        report.iterations,
+        report.expected_log_prior,
+        report.expected_log_normal,
+    )
 }
 
 /// The seed of libtorch's generator at training step `step` of a run seeded `seed`: mixed, so

@@ -148,6 +148,82 @@ fn png_size(path: &Path) -> (u32, u32) {
     (be(16), be(20))
 }
 
+/// Training ends by fitting the prior to the training sentences' posteriors: the kept weights
+/// carry it (the resume point does not), `eval` reports the KL to it beside the KL to N(0, I),
+/// generation samples from it, and `fit-prior` refits it or sets N(0, I) back.
+#[test]
+fn the_prior_is_fitted_when_training_ends_and_can_be_refitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = train_tiny(dir.path(), &["--epochs", "2", "--prior-components", "5"]);
+    run.ok();
+    assert!(
+        run.stderr
+            .contains("prior: a mixture of 5 Gaussians fitted to the posteriors of"),
+        "{}",
+        run.stderr
+    );
+    let ckpt = dir.path().join("checkpoints/tiny");
+    let names = |file: &str| -> Vec<String> {
+        tch::Tensor::read_safetensors(ckpt.join(file))
+            .unwrap()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect()
+    };
+    let prior_names = ["prior.mu", "prior.logvar", "prior.log_weight"];
+    assert!(prior_names
+        .iter()
+        .all(|n| names("model.safetensors").contains(&n.to_string())));
+    assert!(!names("last.safetensors")
+        .iter()
+        .any(|n| n.starts_with("prior.")));
+    let kls = || {
+        let ev = textvae(
+            dir.path(),
+            &[
+                "eval",
+                "checkpoints/tiny/heldout.txt",
+                "--json",
+                "--iw-samples",
+                "4",
+                "--seed",
+                "1",
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_str(ev.ok().stdout.trim()).unwrap();
+        let f = |k: &str| v[k].as_f64().unwrap();
+        assert!(f("nll").is_finite() && f("elbo").is_finite(), "{v}");
+        (f("kl"), f("kl_normal"))
+    };
+    let (kl, kl_normal) = kls();
+    assert!(kl.is_finite() && kl != kl_normal, "{kl} {kl_normal}");
+    let gen = |seed: &str| textvae(dir.path(), &["generate", "-n", "6", "--seed", seed]);
+    assert_eq!(gen("4").ok().stdout.lines().count(), 6);
+    assert_eq!(gen("4").stdout, gen("4").stdout, "same seed, same samples");
+    let corpus = common::tiny_corpus();
+    let c = corpus.to_str().unwrap();
+    let refit = textvae(dir.path(), &["fit-prior", c, "--components", "3"]);
+    assert!(
+        refit.ok().stdout.contains("a mixture of 3 Gaussians"),
+        "{}",
+        refit.stdout
+    );
+    let reset = textvae(dir.path(), &["fit-prior", c, "--components", "0"]);
+    assert!(
+        reset.ok().stdout.contains("the prior is N(0, I)"),
+        "{}",
+        reset.stdout
+    );
+    assert!(!names("model.safetensors")
+        .iter()
+        .any(|n| n.starts_with("prior.")));
+    let (kl, kl_normal) = kls();
+    assert_eq!(kl, kl_normal);
+    textvae(dir.path(), &["fit-prior", c, "--components", "1000000"])
+        .fails_with("--components must be at most");
+    textvae(dir.path(), &["fit-prior", "missing.txt"]).fails_with("missing.txt");
+}
+
 #[test]
 fn ptb_preset_ties_embeddings_and_reads_words() {
     let dir = tempfile::tempdir().unwrap();

@@ -429,6 +429,7 @@ fn eval_json_has_its_keys_and_ppl_follows_nll() {
         "tokens",
         "rec",
         "kl",
+        "kl_normal",
         "elbo",
         "nll",
         "ppl",
