@@ -16,10 +16,8 @@ use crate::data::{evenly_spaced, sorted_batches, Batch, Sentences};
 use crate::latent::reconstruction_score;
 use crate::loss::kl_per_dim;
 use crate::model::{reconstruction_nll, Pass, Vae, ZFrom};
-use crate::prior::{diagonal_log_prob, Prior};
+use crate::prior::{diagonal_log_prob, Prior, LN_2PI};
 use crate::sample::Decoding;
-
-const LN_2PI: f64 = 1.837_877_066_409_345_3;
 
 /// Threshold on the variance of the posterior mean across sentences for an active unit.
 pub const AU_THRESHOLD: f64 = 0.01;
