@@ -154,17 +154,18 @@ impl Prior {
     pub fn kl(&self, mu: &Tensor, logvar: &Tensor) -> Tensor {
         match self {
             Prior::Normal => normal_kl(mu, logvar),
-            Prior::Mixture(m) => {
+            Prior::Mixture(_) => {
                 let b = mu.size()[0];
                 let mu_r = mu.repeat_interleave_self_int(KL_SAMPLES, 0, None); // [B*S, Z]
                 let logvar_r = logvar.repeat_interleave_self_int(KL_SAMPLES, 0, None);
                 let eps = mu_r.randn_like();
                 let z = &mu_r + (&logvar_r * 0.5).exp() * &eps;
                 let log_q = diagonal_log_prob(&eps, &logvar_r); // [B*S]
-                let log_p = m.log_prob(&z.to_kind(Kind::Double)).to_kind(Kind::Float);
-                (log_q - log_p)
-                    .view([b, KL_SAMPLES])
-                    .mean_dim([1].as_slice(), false, Kind::Float) // [B]
+                (log_q - self.log_prob(&z)).view([b, KL_SAMPLES]).mean_dim(
+                    [1].as_slice(),
+                    false,
+                    Kind::Float,
+                ) // [B]
             }
         }
     }
