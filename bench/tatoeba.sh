@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Does z carry the sentence? Trains `textvae train` (defaults, or the flags given) on the English
 # Tatoeba sentences less every 89th line (the file is sorted by length, so `awk 'NR % 89'` holds
-# out 310 sentences of every length), for MINUTES on this machine; then, on the 310 unseen
+# out 310 sentences of every length), for MINUTES on this machine; then, on the unseen
 # sentences: `eval` with K importance samples (NLL, KL, MI, AU, greedy reconstruction accuracy,
 # exact match, BLEU-4), and two interpolations. Writes markdown and JSON under bench/results/.
 #
@@ -45,9 +45,9 @@ for _ in range(50):
     print("\t".join(rng.sample(lines, 2)))
 ' "$work/unseen.txt" > "$work/pairs.tsv"
 $bin interpolate --pairs "$work/pairs.tsv" --steps 8 "${m[@]}" > "$work/walks.txt"
-python3 - "$work" "bench/results/$name-$stamp" "$minutes" "$train_secs" "$*" <<'PY'
+python3 - "$work" "bench/results/$name-$stamp" "$minutes" "$train_secs" "$*" "$(basename "$corpus")" <<'PY'
 import json, os, statistics, sys
-work, out, minutes, train_secs, extra = sys.argv[1:]
+work, out, minutes, train_secs, extra, corpus = sys.argv[1:]
 model = os.path.join(work, "model")
 t = json.load(open(os.path.join(work, "unseen.json")))
 state = json.load(open(os.path.join(model, "state.json")))
@@ -61,7 +61,7 @@ walk_stats = {"pairs": len(many), "mean_distinct": sum(many) / len(many),
 recs = [l.rstrip("\n").split("\t") for l in open(os.path.join(work, "reconstructions.tsv"))]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 result = {
-    "date": out.rsplit("-", 1)[-1], "machine": f"{cpu}, {os.cpu_count()} cores",
+    "date": out.rsplit("-", 1)[-1], "corpus": corpus, "machine": f"{cpu}, {os.cpu_count()} cores",
     "budget_minutes": float(minutes), "train_seconds": int(train_secs), "train_flags": extra,
     "steps": state["step"], "epochs": state["epoch"],
     "tokens_per_sec_median": statistics.median(speeds) if speeds else None,
@@ -74,7 +74,7 @@ md = f"""# Tatoeba reconstruction benchmark {result['date']}
 
 Machine: {result['machine']}. `textvae train` {('`' + extra + '`') if extra else 'with no flags'}, {minutes} min
 ({result['steps']} steps, {result['epochs']} epochs, median {result['tokens_per_sec_median']:.0f} tokens/s).
-310 unseen sentences (every 89th line of tatoeba_eng.txt):
+{t['sentences']} unseen sentences (every 89th line of {corpus}):
 
 | NLL (IW, K={t['iw_samples']}) | KL (to N(0, I)) | MI | AU | rec | ELBO | token accuracy | exact match | BLEU-4 |
 |---|---|---|---|---|---|---|---|---|

@@ -113,14 +113,52 @@ pub fn save_model(vs: &nn::VarStore, prior: &Prior, path: &Path) -> Result<()> {
     })
 }
 
-/// The prior stored in weights file `path`: N(0, I) unless it holds a fitted mixture.
-pub fn read_prior(path: &Path, latent_dim: i64, device: Device) -> Result<Prior> {
-    let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(path)
+/// Every tensor of safetensors file `path`, by name (on the CPU).
+pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(Tensor::read_safetensors(path)
         .with_context(|| format!("reading {} (corrupt?)", path.display()))?
         .into_iter()
-        .filter(|(name, _)| name.starts_with("prior."))
-        .collect();
-    let prior = Prior::from_tensors(&tensors, latent_dim)
+        .collect())
+}
+
+/// Copies `tensors`, read from `path`, into the variables of `vs` by name, each checked for its
+/// shape. Tensors the store has no variable for (the prior, the optimiser's state) are left to
+/// their readers, so one read of a file serves all of them.
+pub fn load_variables(
+    vs: &nn::VarStore,
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<()> {
+    for (name, mut var) in vs.variables() {
+        let src = tensors.get(&name).with_context(|| {
+            format!(
+                "{} has no tensor {name} (corrupt, or from another model?)",
+                path.display()
+            )
+        })?;
+        ensure!(
+            src.size() == var.size(),
+            "{}: tensor {name} has shape {:?}, the model's has {:?} (from another model?)",
+            path.display(),
+            src.size(),
+            var.size()
+        );
+        // `variables()` gives views of the store's own tensors: copying into one loads it.
+        tch::no_grad(|| var.f_copy_(src))
+            .with_context(|| format!("{}: loading tensor {name}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The prior among `tensors`, read from weights file `path`: N(0, I) unless they hold a fitted
+/// mixture.
+pub fn prior_in(
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+    latent_dim: i64,
+    device: Device,
+) -> Result<Prior> {
+    let prior = Prior::from_tensors(tensors, latent_dim)
         .with_context(|| format!("reading the prior in {}", path.display()))?;
     Ok(prior.to_device(device))
 }
@@ -159,10 +197,7 @@ pub struct ResumePoint {
 }
 
 pub fn read_resume_point(path: &Path) -> Result<ResumePoint> {
-    let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(path)
-        .with_context(|| format!("reading {} (corrupt?)", path.display()))?
-        .into_iter()
-        .collect();
+    let tensors = read_tensors(path)?;
     let state = match tensors.get(STATE_TENSOR) {
         Some(t) => {
             let bytes = Vec::<u8>::try_from(&t.flatten(0, -1))
@@ -313,18 +348,15 @@ pub fn load_weights(dir: &Path, weights: &str, device: Device) -> Result<Loaded>
     let tokenizer = TextTokenizer::load(&dir.join(TOKENIZER))?;
     check_tokenizer(&tokenizer, &config)
         .with_context(|| format!("checkpoint {}", dir.display()))?;
-    let mut vs = nn::VarStore::new(device);
+    let vs = nn::VarStore::new(device);
     let mut vae = Vae::new(vs.root(), &config.model);
     let path = dir.join(weights);
-    vs.load(&path)
-        .map_err(|e| anyhow!("{e}"))
-        .with_context(|| {
-            format!(
-                "loading weights {} (corrupt or from another model?)",
-                path.display()
-            )
-        })?;
-    vae.prior = read_prior(&path, config.model.latent_dim, device)?;
+    let read = || -> Result<Prior> {
+        let tensors = read_tensors(&path)?;
+        load_variables(&vs, &tensors, &path)?;
+        prior_in(&tensors, &path, config.model.latent_dim, device)
+    };
+    vae.prior = read().with_context(|| format!("loading weights {}", path.display()))?;
     Ok(Loaded {
         dir: dir.to_path_buf(),
         config,

@@ -991,6 +991,8 @@ fn run_fit_prior(a: FitPriorArgs) -> Result<()> {
     );
     let corpus = read_inputs(Some(&a.file))?;
     let dir = checkpoint::resolve(a.model.checkpoint.as_deref())?;
+    // Said before the lock, whose own error would name a lock file the user never made.
+    checkpoint::check_dir(&dir)?;
     // A training run in the directory rewrites model.safetensors: the prior must not be fitted
     // to weights it is about to replace.
     let _lock = crate::files::DirLock::acquire(&dir)?;

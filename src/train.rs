@@ -278,10 +278,8 @@ impl<'a> Trainer<'a> {
     /// them, and the metrics log up to that step.
     fn resume(&mut self) -> Result<()> {
         let path = self.dir.join(ckpt::LAST_WEIGHTS);
-        self.vs
-            .load(&path)
-            .with_context(|| format!("loading {}", path.display()))?;
         let point = ckpt::read_resume_point(&path)?;
+        ckpt::load_variables(&self.vs, &point.tensors, &path)?;
         if let Some(saved) = point.state {
             // The file's own state: state.json may be a save behind it after a kill, and is
             // brought level so that it says where the run resumed.
@@ -599,10 +597,7 @@ impl<'a> Trainer<'a> {
         let started = Instant::now();
         // Training is over and last.safetensors holds where --resume continues: the live
         // variables can take the kept weights.
-        self.vs
-            .load(&path)
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .with_context(|| format!("loading {}", path.display()))?;
+        ckpt::load_variables(&self.vs, &ckpt::read_tensors(&path)?, &path)?;
         let report = install_prior(
             &mut self.vae,
             &self.vs,

@@ -222,6 +222,8 @@ fn the_prior_is_fitted_when_training_ends_and_can_be_refitted() {
     textvae(dir.path(), &["fit-prior", c, "--components", "1000000"])
         .fails_with("--components must be at most");
     textvae(dir.path(), &["fit-prior", "missing.txt"]).fails_with("missing.txt");
+    textvae(dir.path(), &["fit-prior", c, "--checkpoint", "nowhere"])
+        .fails_with("checkpoint nowhere does not exist");
 }
 
 #[test]
@@ -497,6 +499,18 @@ fn bad_inputs_fail_cleanly() {
     let corrupt = copy("corrupt");
     std::fs::write(corrupt.join("model.safetensors"), b"not a safetensors file").unwrap();
     textvae(d, &["generate", "--checkpoint", "corrupt"]).fails_with("loading weights");
+    // Weights of another model's shapes are refused by name, not copied in by broadcasting.
+    train_tiny(
+        d,
+        &["--epochs", "1", "--out", "narrow", "--kernel-widths", "3,4"],
+    )
+    .ok();
+    std::fs::copy(
+        d.join("good").join("model.safetensors"),
+        d.join("narrow").join("model.safetensors"),
+    )
+    .unwrap();
+    textvae(d, &["generate", "--checkpoint", "narrow"]).fails_with("the model's has [8, 32]");
 
     let badcfg = copy("badcfg");
     std::fs::write(badcfg.join("config.json"), b"{ nope").unwrap();
