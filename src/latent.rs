@@ -4,10 +4,11 @@
 //! as the sentences met along the path.
 
 use anyhow::{bail, Context, Result};
-use tch::{Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 use crate::data::{evenly_spaced, sorted_batches, Batch, Corpus, Sentences};
 use crate::model::{reconstruction_nll, Vae, TRAIN_ROWS_PER_PASS};
+use crate::optim::{Adam, StepControl};
 use crate::prior::{fit_mixture, normal_kl, standard_log_prob, FitReport, Prior};
 use crate::sample::{decode_ids, Decoding};
 use crate::tokenizer::{TextTokenizer, EOS, UNK};
@@ -180,7 +181,7 @@ pub fn encode(vae: &Vae, seqs: &Sentences, batch_size: usize, device: Device) ->
         let mut logvar = Tensor::zeros([n, vae.latent_dim], (Kind::Float, Device::Cpu));
         for (idx, batch) in sorted_batches(seqs, batch_size, device) {
             let (m, lv) = vae.encoder.forward(&batch.targets, &batch.lengths, false);
-            let at = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
+            let at = positions(&idx);
             let _ = mu.index_copy_(0, &at, &m.to_device(Device::Cpu));
             let _ = logvar.index_copy_(0, &at, &lv.to_device(Device::Cpu));
         }
@@ -188,10 +189,9 @@ pub fn encode(vae: &Vae, seqs: &Sentences, batch_size: usize, device: Device) ->
     })
 }
 
-/// Adam's settings for refining codes: a step of about `REFINE_LR` per coordinate, in units of
-/// the prior's standard deviation.
+/// Adam's learning rate for refining codes: a step of about this much per coordinate, in units
+/// of the prior's standard deviation.
 const REFINE_LR: f64 = 0.05;
-const REFINE_BETAS: (f64, f64) = (0.9, 0.999);
 /// Sentences refined at once.
 const REFINE_BATCH: usize = 128;
 
@@ -219,27 +219,24 @@ pub fn refine(
     // Each batch keeps its output layer's softmax for the backward pass, [tokens, V]: capped so
     // that a decoding batch of 1,024 long sentences does not hold gigabytes.
     for (idx, batch) in sorted_batches(seqs, batch_size.min(REFINE_BATCH), device) {
-        let at = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
-        let mut z = mu.index_select(0, &at).to_device(device); // [B, Z]
-        let mut m = z.zeros_like();
-        let mut v = z.zeros_like();
-        for t in 1..=steps {
-            let zg = z.detach().set_requires_grad(true);
+        let at = positions(&idx);
+        // The batch's codes as the only variables of a store of their own, so that the
+        // training optimiser steps them and nothing of the model.
+        let vs = nn::VarStore::new(device);
+        let z = vs
+            .root()
+            .var_copy("z", &mu.index_select(0, &at).to_device(device)); // [B, Z]
+        let mut adam = Adam::new(&vs);
+        let ctl = StepControl::plain(device);
+        for _ in 0..steps {
             // Sentences are independent, so the sum's gradient is each sentence's own.
-            let loss = map_loss(vae, &batch, &zg).sum(Kind::Float);
-            let grad = Tensor::f_run_backward(&[&loss], &[&zg], false, false)
-                .context("the gradient of a sentence's code")?
-                .remove(0);
-            let (b1, b2) = REFINE_BETAS;
-            z = tch::no_grad(|| {
-                m = &m * b1 + &grad * (1.0 - b1);
-                v = &v * b2 + grad.square() * (1.0 - b2);
-                let m_hat = &m / (1.0 - b1.powi(t as i32));
-                let v_hat = &v / (1.0 - b2.powi(t as i32));
-                &z - m_hat / (v_hat.sqrt() + 1e-8) * REFINE_LR
-            });
+            let loss = map_loss(vae, &batch, &z).sum(Kind::Float);
+            let grads = adam
+                .gradients(&loss)
+                .context("the gradient of a sentence's code")?;
+            adam.step(&grads, REFINE_LR, &ctl)?;
         }
-        let _ = refined.index_copy_(0, &at, &z.to_device(Device::Cpu));
+        let _ = refined.index_copy_(0, &at, &z.detach().to_device(Device::Cpu));
     }
     Ok(refined)
 }
@@ -292,12 +289,17 @@ pub fn map_objective(
     tch::no_grad(|| {
         let mut out = Tensor::zeros([seqs.len() as i64], (Kind::Float, Device::Cpu));
         for (idx, batch) in sorted_batches(seqs, batch_size, device) {
-            let at = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
+            let at = positions(&idx);
             let zb = z.index_select(0, &at).to_device(device);
             let _ = out.index_copy_(0, &at, &map_loss(vae, &batch, &zb).to_device(Device::Cpu));
         }
         out
     })
+}
+
+/// Row numbers `idx` as an index tensor [len] (on the CPU, where the codes are gathered).
+fn positions(idx: &[usize]) -> Tensor {
+    Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>())
 }
 
 /// Sentences tokenized for encoding, and the warnings about them a user should see.

@@ -62,6 +62,14 @@ pub struct StepControl {
 }
 
 impl StepControl {
+    /// Neither scaled nor skipped: every step taken as its gradient says.
+    pub fn plain(device: Device) -> Self {
+        Self {
+            grad_scale: Tensor::ones([1], (Kind::Float, device)),
+            skip: Tensor::zeros([1], (Kind::Float, device)),
+        }
+    }
+
     /// Clipping to a global norm of `clip` (as tch's `clip_grad_norm`: scale by clip / (norm +
     /// 1e-6) where that is below 1), and a skip unless `norm` and `loss` are both finite.
     pub fn clip_or_skip(norm: &Tensor, loss: &Tensor, clip: f64) -> Self {
@@ -250,12 +258,8 @@ mod tests {
     use tch::nn::{Module, OptimizerConfig};
     use tch::Device;
 
-    /// Neither scaled nor skipped.
     fn plain() -> StepControl {
-        StepControl {
-            grad_scale: Tensor::ones([1], (Kind::Float, Device::Cpu)),
-            skip: Tensor::zeros([1], (Kind::Float, Device::Cpu)),
-        }
+        StepControl::plain(Device::Cpu)
     }
 
     fn scalar(x: f64) -> Tensor {
