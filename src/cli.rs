@@ -230,6 +230,10 @@ pub struct TrainArgs {
     /// variational dropout) [default: token].
     #[arg(long, value_enum)]
     pub dropout_mask: Option<DropoutMask>,
+    /// Dropout on the encoder's pooled features before mu and logvar, training only (Kim
+    /// 2014) [default: 0].
+    #[arg(long)]
+    pub enc_dropout: Option<f64>,
     /// Share the decoder's embedding matrix with its output projection, which the encoder
     /// then reads too (needs emb = hidden dim) [default: true while --emb-dim equals
     /// --hidden-dim; `--tie-embeddings false` unties].
@@ -343,6 +347,7 @@ impl TrainArgs {
         set(&mut m.weight_drop, self.weight_drop);
         set(&mut m.layer_dropout, self.layer_dropout);
         set(&mut m.dropout_mask, self.dropout_mask);
+        set(&mut m.enc_dropout, self.enc_dropout);
         set(&mut m.tie_embeddings, self.tie_embeddings);
         set(&mut m.bn_gamma, self.bn_gamma);
         set(&mut m.share_embeddings, self.share_embeddings);
@@ -621,7 +626,8 @@ pub struct EncodeArgs {
     /// Sentences, one per line; `-` or nothing reads standard input.
     pub input: Option<PathBuf>,
     /// jsonl: {"line", "text", "mu", "logvar"} per sentence; tsv: text, mu, logvar (numbers
-    /// space-separated); npy: a float32 array [N, 2, Z] with mu at [:, 0] and logvar at [:, 1].
+    /// space-separated); npy: a float32 array [N, 2, Z] with mu at [:, 0] and logvar at [:, 1]
+    /// (with --refine, the refined z as well).
     #[arg(long, value_enum, default_value = "jsonl")]
     pub format: EncodeFormat,
     /// Output file [default: standard output; required for npy].
@@ -629,6 +635,12 @@ pub struct EncodeArgs {
     pub output: Option<PathBuf>,
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
+    /// Also give each sentence's code refined by this many gradient steps, as `reconstruct
+    /// --refine` does: the z the decoder finds most likely for it under the prior, which
+    /// reconstructs it more often than mu (jsonl: a "z" field; tsv: a fourth column; npy:
+    /// [N, 3, Z] with z at [:, 2]) [default: 0, none].
+    #[arg(long, default_value_t = 0)]
+    pub refine: usize,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -1030,39 +1042,24 @@ fn run_encode(a: EncodeArgs) -> Result<()> {
     let (model, device) = a.model.load()?;
     let seqs = encode_inputs(&model, &corpus)?;
     let (mu, logvar) = latent::encode(&model.vae, &seqs, a.batch_size, device);
-    if let EncodeFormat::Npy = a.format {
-        let path = a.output.as_deref().unwrap_or(Path::new("encoded.npy"));
-        let both = Tensor::stack(&[mu, logvar], 1); // [N, 2, Z]
-        let tmp = path.with_extension("tmp.npy");
-        both.write_npy(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-        eprintln!(
-            "{}: {} sentences x 2 x {}",
-            path.display(),
-            corpus.lines.len(),
-            model.vae.latent_dim
-        );
-        return Ok(());
-    }
-    let (mu, logvar) = (latent::rows(&mu)?, latent::rows(&logvar)?);
-    let mut text = String::new();
-    let join = |v: &[f64]| {
-        v.iter()
-            .map(|x| format!("{x:.6}"))
-            .collect::<Vec<_>>()
-            .join(" ")
+    let z = if a.refine > 0 {
+        Some(latent::refine(
+            &model.vae,
+            &seqs,
+            &mu,
+            a.refine,
+            a.batch_size,
+            device,
+        )?)
+    } else {
+        None
     };
-    for i in 0..corpus.lines.len() {
-        let line = &corpus.lines[i];
-        match a.format {
-            EncodeFormat::Jsonl => text.push_str(&format!(
-                "{}\n",
-                json!({"line": corpus.line_numbers[i], "text": line, "mu": mu[i], "logvar": logvar[i]})
-            )),
-            _ => text.push_str(&format!("{}\t{}\t{}\n", line.replace('\t', " "), join(&mu[i]), join(&logvar[i]))),
-        }
+    let mut codes = vec![mu, logvar];
+    codes.extend(z);
+    if let (EncodeFormat::Npy, Some(path)) = (a.format, &a.output) {
+        return write_codes_npy(path, &codes, model.vae.latent_dim);
     }
+    let text = codes_text(&corpus, &codes, a.format)?;
     match &a.output {
         Some(path) => crate::files::write_atomic(path, text.as_bytes()),
         None => std::io::stdout()
@@ -1070,6 +1067,55 @@ fn run_encode(a: EncodeArgs) -> Result<()> {
             .write_all(text.as_bytes())
             .context("writing to stdout"),
     }
+}
+
+/// `codes` (mu, logvar and perhaps the refined z, each [N, Z]) as one float32 array [N, 2 or 3,
+/// Z], written whole or not at all.
+fn write_codes_npy(path: &Path, codes: &[Tensor], latent_dim: i64) -> Result<()> {
+    let all = Tensor::stack(codes, 1); // [N, 2 or 3, Z]
+    let tmp = path.with_extension("tmp.npy");
+    all.write_npy(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    let size = all.size();
+    eprintln!(
+        "{}: {} sentences x {} x {latent_dim}",
+        path.display(),
+        size[0],
+        size[1]
+    );
+    Ok(())
+}
+
+/// One line per sentence: a JSON object with "mu", "logvar" (and "z" when refined), or the
+/// text and the vectors as tab-separated columns of space-separated numbers.
+fn codes_text(corpus: &Corpus, codes: &[Tensor], format: EncodeFormat) -> Result<String> {
+    let rows = codes.iter().map(latent::rows).collect::<Result<Vec<_>>>()?;
+    let join = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.6}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut text = String::new();
+    for (i, line) in corpus.lines.iter().enumerate() {
+        if let EncodeFormat::Jsonl = format {
+            let mut obj = json!({"line": corpus.line_numbers[i], "text": line,
+                "mu": rows[0][i], "logvar": rows[1][i]});
+            if let Some(z) = rows.get(2) {
+                obj["z"] = json!(z[i]);
+            }
+            text.push_str(&format!("{obj}\n"));
+        } else {
+            let columns: Vec<String> = rows.iter().map(|r| join(&r[i])).collect();
+            text.push_str(&format!(
+                "{}\t{}\n",
+                line.replace('\t', " "),
+                columns.join("\t")
+            ));
+        }
+    }
+    Ok(text)
 }
 
 fn run_eval(a: EvalArgs) -> Result<()> {
@@ -1276,6 +1322,7 @@ mod tests {
                 format!("[default: {}]", t.prior_components),
             ),
             ("layer-dropout", format!("[default: {}]", m.layer_dropout)),
+            ("enc-dropout", format!("[default: {}]", m.enc_dropout)),
             (
                 "dropout-mask",
                 format!(

@@ -61,6 +61,11 @@ pub struct ModelConfig {
     /// shared by every time step. A checkpoint without the field predates it: per token.
     #[serde(default)]
     pub dropout_mask: DropoutMask,
+    /// Dropout on the encoder's pooled convolution features before the posterior heads
+    /// (training only; Kim 2014's regulariser of this encoder). A checkpoint without the field
+    /// predates it and has none.
+    #[serde(default)]
+    pub enc_dropout: f64,
 }
 
 /// How the decoder's embedding and output dropouts draw their masks.
@@ -101,6 +106,7 @@ impl Default for ModelConfig {
             weight_drop: 0.0,
             layer_dropout: 0.0,
             dropout_mask: DropoutMask::Token,
+            enc_dropout: 0.0,
         }
     }
 }
@@ -201,6 +207,7 @@ impl ModelConfig {
             ("--out-dropout", self.out_dropout),
             ("--weight-drop", self.weight_drop),
             ("--layer-dropout", self.layer_dropout),
+            ("--enc-dropout", self.enc_dropout),
         ] {
             ensure!((0.0..1.0).contains(&p), "{name} must be in [0, 1), got {p}");
         }

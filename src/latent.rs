@@ -112,9 +112,13 @@ pub fn spread_over_sentences(texts: &[String], shown: usize) -> Vec<String> {
     // round(i m / n) with m > n: the index moves by more than 1 a line, so no sentence is taken
     // twice.
     let (m, n) = (met.len() - 1, shown - 1);
-    (0..shown)
+    let mut lines: Vec<String> = (0..shown)
         .map(|i| met[(2 * i * m + n) / (2 * n)].clone())
-        .collect()
+        .collect();
+    // A path that leaves a sentence and comes back (a b a) can have the spread take it on
+    // both sides of what it skipped: shown twice in a row, it would read as a stall.
+    lines.dedup();
+    lines
 }
 
 /// The prior is fitted to the posteriors of at most this many sentences, evenly spaced through
@@ -216,6 +220,10 @@ pub fn refine(
     if steps == 0 {
         return Ok(refined);
     }
+    eprintln!(
+        "refining the codes of {} sentences ({steps} gradient steps each)",
+        seqs.len()
+    );
     // Each batch keeps its output layer's softmax for the backward pass, [tokens, V]: capped so
     // that a decoding batch of 1,024 long sentences does not hold gigabytes.
     for (idx, batch) in sorted_batches(seqs, batch_size.min(REFINE_BATCH), device) {
@@ -251,12 +259,6 @@ pub fn codes(
     device: Device,
 ) -> Result<(Tensor, Tensor)> {
     let (mu, logvar) = encode(vae, seqs, batch_size, device);
-    if steps > 0 {
-        eprintln!(
-            "refining the codes of {} sentences ({steps} gradient steps each)",
-            seqs.len()
-        );
-    }
     Ok((refine(vae, seqs, &mu, steps, batch_size, device)?, logvar))
 }
 
@@ -583,6 +585,9 @@ mod tests {
         assert_eq!(spread_over_sentences(&walk, 10), texts("a b c a d"));
         assert_eq!(spread_over_sentences(&walk, 5), texts("a b c a d"));
         assert_eq!(spread_over_sentences(&texts("a a a"), 4), texts("a"));
+        // Spread over 8 sentences, 4 lines take the 1st, 3rd, 6th and 8th: a, a, e, g.
+        let back = texts("a b a c d e f g");
+        assert_eq!(spread_over_sentences(&back, 4), texts("a e g"));
     }
 
     #[test]

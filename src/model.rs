@@ -23,6 +23,8 @@ pub struct Encoder {
     logvar: nn::Linear,
     /// BN-VAE (Zhu et al. 2020): batch normalisation of `mu` with a fixed scale gamma.
     mu_bn: Option<MuBatchNorm>,
+    /// Dropout on the pooled features (training only).
+    dropout: f64,
 }
 
 /// Batch normalisation of the posterior means with a fixed scale `gamma` and a learned shift
@@ -91,6 +93,7 @@ impl Encoder {
             mu,
             logvar,
             mu_bn,
+            dropout: cfg.enc_dropout,
         }
     }
 
@@ -136,7 +139,7 @@ impl Encoder {
                     .to_kind(Kind::Float) // [B, F]
             })
             .collect();
-        let features = Tensor::cat(&pooled, 1); // [B, F * widths]
+        let features = Tensor::cat(&pooled, 1).dropout(self.dropout, train); // [B, F * widths]
         let mu = self.mu.forward(&features);
         let mu = match &self.mu_bn {
             Some(bn) => bn.forward(&mu, train),
@@ -823,6 +826,7 @@ mod tests {
             weight_drop: 0.0,
             layer_dropout: 0.0,
             dropout_mask: DropoutMask::Token,
+            enc_dropout: 0.0,
         }
     }
 
@@ -1101,6 +1105,31 @@ mod tests {
                 "weight {i}"
             );
         }
+    }
+
+    /// The encoder's feature dropout draws a new mask per training pass and leaves evaluation
+    /// untouched.
+    #[test]
+    fn encoder_dropout_acts_only_while_training() {
+        let _rng = crate::seeded(7);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = ModelConfig {
+            enc_dropout: 0.5,
+            ..tiny()
+        };
+        let enc = Vae::new(vs.root(), &cfg).encoder;
+        let tokens = Tensor::from_slice(&[5i64, 6, 7, 8, 9, 6, 7, PAD]).view([2, 4]); // [B, T]
+        let lengths = Tensor::from_slice(&[4i64, 3]);
+        let (train_a, _) = enc.forward(&tokens, &lengths, true);
+        let (train_b, _) = enc.forward(&tokens, &lengths, true);
+        let (eval_a, _) = enc.forward(&tokens, &lengths, false);
+        let (eval_b, _) = enc.forward(&tokens, &lengths, false);
+        assert!(train_a.not_equal_tensor(&train_b).any().int64_value(&[]) == 1);
+        assert!(eval_a.equal(&eval_b));
+        let none = Vae::new(vs.root() / "plain", &tiny()).encoder;
+        let (plain_a, _) = none.forward(&tokens, &lengths, true);
+        let (plain_b, _) = none.forward(&tokens, &lengths, true);
+        assert!(plain_a.equal(&plain_b));
     }
 
     /// Dropout between layers acts only while training and only between stacked layers: a

@@ -66,6 +66,15 @@ fn run(args: &[&str], stdin: Option<&str>) -> Run {
     }
 }
 
+/// A command's standard output as JSON lines (it must have succeeded).
+fn json_lines(out: Run) -> Vec<serde_json::Value> {
+    out.ok()
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn corpus_lines() -> Vec<String> {
     std::fs::read_to_string(common::tiny_corpus())
         .unwrap()
@@ -196,13 +205,10 @@ fn interpolation_runs_from_a_to_b() {
 
 #[test]
 fn encode_gives_one_vector_of_the_latent_size_per_input() {
-    let out = run(&["encode", common::tiny_corpus().to_str().unwrap()], None);
-    let rows: Vec<serde_json::Value> = out
-        .ok()
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_lines(run(
+        &["encode", common::tiny_corpus().to_str().unwrap()],
+        None,
+    ));
     assert_eq!(rows.len(), 20);
     for (i, r) in rows.iter().enumerate() {
         assert_eq!(r["line"], i + 1, "input order is kept");
@@ -552,4 +558,44 @@ fn refined_codes_explain_their_sentences_better() {
         None,
     );
     assert!(walk.ok().stdout.lines().count() >= 2);
+
+    // `encode --refine` adds the refined code beside mu and logvar, the same one `refine` gives.
+    let rows = json_lines(run(
+        &[
+            "encode",
+            file.to_str().unwrap(),
+            "--refine",
+            "30",
+            "--batch-size",
+            "8",
+        ],
+        None,
+    ));
+    assert_eq!(rows.len(), 20);
+    let first = |key: &str| rows[0][key].as_array().unwrap()[0].as_f64().unwrap();
+    assert!((first("z") - z.double_value(&[0, 0])).abs() < 1e-4);
+    assert!((first("mu") - mu.double_value(&[0, 0])).abs() < 1e-5);
+    let tsv = run(
+        &["encode", "-", "--format", "tsv", "--refine", "3"],
+        Some("the cat sat on the mat .\n"),
+    );
+    assert_eq!(tsv.ok().stdout.trim_end().split('\t').count(), 4);
+    let (dir, _) = model();
+    let npy = dir.path().join("refined.npy");
+    let path = npy.to_str().unwrap();
+    run(
+        &[
+            "encode",
+            file.to_str().unwrap(),
+            "--format",
+            "npy",
+            "-o",
+            path,
+            "--refine",
+            "3",
+        ],
+        None,
+    )
+    .ok();
+    assert_eq!(tch::Tensor::read_npy(&npy).unwrap().size(), vec![20, 3, 8]);
 }
