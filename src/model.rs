@@ -139,7 +139,12 @@ impl Encoder {
                     .to_kind(Kind::Float) // [B, F]
             })
             .collect();
-        let features = Tensor::cat(&pooled, 1).dropout(self.dropout, train); // [B, F * widths]
+        let features = Tensor::cat(&pooled, 1); // [B, F * widths]
+        let features = if train && self.dropout > 0.0 {
+            dropout(&features, self.dropout)
+        } else {
+            features
+        };
         let mu = self.mu.forward(&features);
         let mu = match &self.mu_bn {
             Some(bn) => bn.forward(&mu, train),
