@@ -140,11 +140,7 @@ impl Encoder {
             })
             .collect();
         let features = Tensor::cat(&pooled, 1); // [B, F * widths]
-        let features = if train && self.dropout > 0.0 {
-            dropout(&features, self.dropout)
-        } else {
-            features
-        };
+        let features = sequence_dropout(features, self.dropout, DropoutMask::Token, train);
         let mu = self.mu.forward(&features);
         let mu = match &self.mu_bn {
             Some(bn) => bn.forward(&mu, train),
@@ -585,7 +581,8 @@ pub enum Scoring {
 }
 
 /// Dropout with probability `p` on `x` [B, T, D] while training: a fresh mask at every
-/// position, or (`DropoutMask::Sentence`) one [B, 1, D] mask that every time step shares.
+/// position (any shape), or (`DropoutMask::Sentence`) one [B, 1, D] mask that every time step
+/// shares.
 fn sequence_dropout(x: Tensor, p: f64, mask: DropoutMask, train: bool) -> Tensor {
     if !train || p == 0.0 {
         return x;
