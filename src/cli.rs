@@ -12,8 +12,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::checkpoint;
 use crate::config::{
-    DropoutMask, KlSchedule, LrSchedule, ModelConfig, Pooling, Precision, Preset, Recipe,
-    Selection, TrainConfig,
+    DropoutMask, KlSchedule, LrSchedule, ModelConfig, Precision, Preset, Recipe, Selection,
+    TrainConfig,
 };
 use crate::data::{self, Corpus};
 use crate::eval;
@@ -234,11 +234,6 @@ pub struct TrainArgs {
     /// 2014) [default: 0].
     #[arg(long)]
     pub enc_dropout: Option<f64>,
-    /// How the encoder pools each convolution over the sentence: `max` (Kim 2014: is the
-    /// n-gram anywhere), `mean` (how much of the sentence excites each filter), or `max-mean`,
-    /// both side by side [default: max].
-    #[arg(long, value_enum)]
-    pub pooling: Option<Pooling>,
     /// Share the decoder's embedding matrix with its output projection, which the encoder
     /// then reads too (needs emb = hidden dim) [default: true while --emb-dim equals
     /// --hidden-dim; `--tie-embeddings false` unties].
@@ -353,7 +348,6 @@ impl TrainArgs {
         set(&mut m.layer_dropout, self.layer_dropout);
         set(&mut m.dropout_mask, self.dropout_mask);
         set(&mut m.enc_dropout, self.enc_dropout);
-        set(&mut m.pooling, self.pooling);
         set(&mut m.tie_embeddings, self.tie_embeddings);
         set(&mut m.bn_gamma, self.bn_gamma);
         set(&mut m.share_embeddings, self.share_embeddings);
@@ -1337,13 +1331,6 @@ mod tests {
                         .to_possible_value()
                         .expect("a value")
                         .get_name()
-                ),
-            ),
-            (
-                "pooling",
-                format!(
-                    "[default: {}]",
-                    m.pooling.to_possible_value().expect("a value").get_name()
                 ),
             ),
         ] {

@@ -66,35 +66,6 @@ pub struct ModelConfig {
     /// predates it and has none.
     #[serde(default)]
     pub enc_dropout: f64,
-    /// How the encoder pools each convolution's feature map over time. A checkpoint without
-    /// the field predates it: max.
-    #[serde(default)]
-    pub pooling: Pooling,
-}
-
-/// How the encoder turns each convolution's feature map [B, F, T'] into [B, F] features.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Pooling {
-    /// The largest value over the sentence (Kim 2014): each filter says whether its n-gram
-    /// occurs anywhere, not how often or beside what else.
-    #[default]
-    Max,
-    /// The mean over the sentence's positions: every n-gram adds its share, so a rare word
-    /// reaches the features through every filter it excites, not only where it wins a max.
-    Mean,
-    /// Both, concatenated (twice the features): the max's detectors and the mean's sum.
-    MaxMean,
-}
-
-impl Pooling {
-    /// Features per filter.
-    pub fn width(self) -> i64 {
-        match self {
-            Pooling::Max | Pooling::Mean => 1,
-            Pooling::MaxMean => 2,
-        }
-    }
 }
 
 /// How the decoder's embedding and output dropouts draw their masks.
@@ -136,7 +107,6 @@ impl Default for ModelConfig {
             layer_dropout: 0.0,
             dropout_mask: DropoutMask::Token,
             enc_dropout: 0.0,
-            pooling: Pooling::Max,
         }
     }
 }

@@ -9,7 +9,7 @@
 use tch::nn::{self, Module, ModuleT, RNN};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{DropoutMask, ModelConfig, Pooling};
+use crate::config::{DropoutMask, ModelConfig};
 use crate::data::{Batch, RealTokens};
 use crate::native;
 use crate::prior::Prior;
@@ -25,7 +25,6 @@ pub struct Encoder {
     mu_bn: Option<MuBatchNorm>,
     /// Dropout on the pooled features (training only).
     dropout: f64,
-    pooling: Pooling,
 }
 
 /// Batch normalisation of the posterior means with a fixed scale `gamma` and a learned shift
@@ -74,7 +73,7 @@ impl Encoder {
                 (k, conv)
             })
             .collect();
-        let features = cfg.conv_filters * cfg.kernel_widths.len() as i64 * cfg.pooling.width();
+        let features = cfg.conv_filters * cfg.kernel_widths.len() as i64;
         let mu = nn::linear(&p / "mu", features, cfg.latent_dim, Default::default());
         let logvar = nn::linear(&p / "logvar", features, cfg.latent_dim, Default::default());
         let mu_bn = (cfg.bn_gamma > 0.0).then(|| {
@@ -95,7 +94,6 @@ impl Encoder {
             logvar,
             mu_bn,
             dropout: cfg.enc_dropout,
-            pooling: cfg.pooling,
         }
     }
 
@@ -133,12 +131,15 @@ impl Encoder {
                     .relu(); // [B, F, T + k - 1]
                 let positions = Tensor::arange(t + k - 1, (Kind::Int64, tokens.device()));
                 // Output position j covers inputs j-k+1..=j: valid while it touches a real token.
-                let span = lengths.unsqueeze(1) + (k - 1); // [B, 1]
-                let valid = positions.unsqueeze(0).lt_tensor(&span).unsqueeze(1); // [B, 1, T+k-1]
-                pool(&h, &valid, &span, self.pooling)
+                let valid = positions
+                    .unsqueeze(0)
+                    .lt_tensor(&(lengths.unsqueeze(1) + (k - 1))); // [B, T+k-1]
+                h.masked_fill(&valid.logical_not().unsqueeze(1), f64::NEG_INFINITY)
+                    .amax([2].as_slice(), false)
+                    .to_kind(Kind::Float) // [B, F]
             })
             .collect();
-        let features = Tensor::cat(&pooled, 1); // [B, F * widths * pooling width]
+        let features = Tensor::cat(&pooled, 1); // [B, F * widths]
         let features = sequence_dropout(features, self.dropout, DropoutMask::Token, train);
         let mu = self.mu.forward(&features);
         let mu = match &self.mu_bn {
@@ -146,27 +147,6 @@ impl Encoder {
             None => mu,
         };
         (mu, self.logvar.forward(&features))
-    }
-}
-
-/// A convolution's feature map `h` [B, F, T'] pooled over its `valid` positions [B, 1, T']
-/// (there are `span` [B, 1] of them, all at the start) into [B, F] float32 features, or
-/// [B, 2F] for max and mean.
-fn pool(h: &Tensor, valid: &Tensor, span: &Tensor, pooling: Pooling) -> Tensor {
-    let max = || {
-        h.masked_fill(&valid.logical_not(), f64::NEG_INFINITY)
-            .amax([2].as_slice(), false)
-            .to_kind(Kind::Float) // [B, F]
-    };
-    // Summed in float32: a bfloat16 sum over a long sentence would round away small terms.
-    let mean = || {
-        (h.to_kind(Kind::Float) * valid).sum_dim_intlist([2].as_slice(), false, Kind::Float)
-            / span.to_kind(Kind::Float) // [B, F]
-    };
-    match pooling {
-        Pooling::Max => max(),
-        Pooling::Mean => mean(),
-        Pooling::MaxMean => Tensor::cat(&[max(), mean()], 1), // [B, 2F]
     }
 }
 
@@ -849,7 +829,6 @@ mod tests {
             layer_dropout: 0.0,
             dropout_mask: DropoutMask::Token,
             enc_dropout: 0.0,
-            pooling: Pooling::Max,
         }
     }
 
@@ -1204,51 +1183,6 @@ mod tests {
             assert_eq!(varies.int64_value(&[]) == 1, mask == DropoutMask::Token);
             let eval = sequence_dropout(x.shallow_clone(), 0.5, mask, false);
             assert!(eval.equal(&x));
-        }
-    }
-
-    /// Each pooling reads only a row's valid positions: the padded tail's values change nothing.
-    #[test]
-    fn pooling_reads_only_valid_positions() {
-        let h = Tensor::from_slice(&[1.0f32, 3.0, 2.0, 6.0, 4.0, 0.0, 9.0, 9.0]).view([2, 1, 4]); // [B, F, T']
-        let span = Tensor::from_slice(&[4i64, 2]).view([2, 1]); // [B, 1]
-        let valid = Tensor::arange(4, (Kind::Int64, Device::Cpu))
-            .unsqueeze(0)
-            .lt_tensor(&span)
-            .unsqueeze(1); // [B, 1, T']
-        let values =
-            |pooling| Vec::<f32>::try_from(pool(&h, &valid, &span, pooling).flatten(0, -1));
-        assert_eq!(values(Pooling::Max).unwrap(), [6.0, 4.0]);
-        assert_eq!(values(Pooling::Mean).unwrap(), [3.0, 2.0]);
-        assert_eq!(values(Pooling::MaxMean).unwrap(), [6.0, 3.0, 4.0, 2.0]);
-    }
-
-    /// Whatever the pooling, a sentence's posterior is the same alone and in a padded batch.
-    #[test]
-    fn every_pooling_ignores_batch_mates() {
-        let seqs: Vec<Vec<u32>> = vec![vec![5, 6, 7, 8, 9, 10, 11], vec![12], vec![13, 14, 15]];
-        let rows: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-        let batch = Batch::new(&rows, Device::Cpu);
-        for pooling in [Pooling::Max, Pooling::Mean, Pooling::MaxMean] {
-            let _rng = crate::seeded(2);
-            let vs = nn::VarStore::new(Device::Cpu);
-            let vae = Vae::new(vs.root(), &ModelConfig { pooling, ..tiny() });
-            let together = vae.forward(&batch, &batch.inputs, Pass::Eval, ZFrom::Mean);
-            for (i, s) in rows.iter().enumerate() {
-                let single = Batch::new(&[*s], Device::Cpu);
-                let alone = vae.forward(&single, &single.inputs, Pass::Eval, ZFrom::Mean);
-                let in_batch = together.mu.narrow(0, i as i64, 1);
-                assert!(
-                    alone.mu.allclose(&in_batch, 1e-5, 1e-6, false),
-                    "{pooling:?} {i}"
-                );
-                assert!(alone.logvar.allclose(
-                    &together.logvar.narrow(0, i as i64, 1),
-                    1e-5,
-                    1e-6,
-                    false
-                ));
-            }
         }
     }
 
