@@ -1130,7 +1130,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     let mut seqs = encode_inputs(&model, &corpus)?;
     if let Some(n) = a.sentences {
         anyhow::ensure!(n >= 1, "--sentences must be at least 1");
-        seqs = seqs.select(data::evenly_spaced(seqs.len(), n));
+        seqs = seqs.spread(n);
     }
     // Tokens, not sentences: batches run shortest first, and a token's K samples cost the same.
     let mut progress = Progress::new(

@@ -143,9 +143,10 @@ impl Sentences {
         idx.into_iter().map(|i| self.get(i)).collect()
     }
 
-    /// The first `n` sentences (all of them when there are fewer).
-    pub fn first(&self, n: usize) -> Sentences {
-        self.select(0..n.min(self.len()))
+    /// `n` sentences spread evenly over the set (all of them when there are fewer), so a subset
+    /// of a file sorted by length still spans every length.
+    pub fn spread(&self, n: usize) -> Sentences {
+        self.select(evenly_spaced(self.len(), n))
     }
 }
 
@@ -419,10 +420,10 @@ mod tests {
             vec![rows[3], rows[0]]
         );
         assert_eq!(
-            s.first(2).iter().collect::<Vec<_>>(),
-            vec![rows[0], rows[1]]
+            s.spread(2).iter().collect::<Vec<_>>(),
+            vec![rows[0], rows[2]]
         );
-        assert_eq!(s.first(9), s);
+        assert_eq!(s.spread(9), s);
         assert!(Sentences::default().is_empty());
     }
 

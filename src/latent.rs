@@ -6,7 +6,7 @@
 use anyhow::{bail, Context, Result};
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::data::{evenly_spaced, sorted_batches, Batch, Corpus, Sentences};
+use crate::data::{sorted_batches, Batch, Corpus, Sentences};
 use crate::model::{reconstruction_nll, Vae, TRAIN_ROWS_PER_PASS};
 use crate::optim::{Adam, StepControl};
 use crate::prior::{fit_mixture, normal_kl, standard_log_prob, FitReport, Prior};
@@ -135,12 +135,10 @@ pub fn fit_prior(
     seed: u64,
     device: Device,
 ) -> Result<(Prior, FitReport)> {
-    let mut subset = Sentences::default();
-    let chosen = evenly_spaced(seqs.len(), MAX_PRIOR_SENTENCES);
-    let seqs = if chosen.len() < seqs.len() {
-        for i in chosen {
-            subset.push(seqs.get(i));
-        }
+    // A copy only when the set is larger than the fit takes.
+    let subset;
+    let seqs = if seqs.len() > MAX_PRIOR_SENTENCES {
+        subset = seqs.spread(MAX_PRIOR_SENTENCES);
         &subset
     } else {
         seqs

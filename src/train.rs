@@ -1117,13 +1117,15 @@ fn validate(vae: &Vae, seqs: &Sentences, cfg: &TrainConfig, device: Device) -> R
         Selection::Objective | Selection::Last => objective,
         Selection::Elbo => stats.neg_elbo,
         Selection::Nll => {
-            let head = seqs.first(NLL_SENTENCES);
-            iw_nll(vae, &head, NLL_SAMPLES, cfg.batch_size.max(64), device)
+            // Spread, not the first ones: a corpus sorted by length would be judged by its
+            // shortest sentences.
+            let some = seqs.spread(NLL_SENTENCES);
+            iw_nll(vae, &some, NLL_SAMPLES, cfg.batch_size.max(64), device)
         }
     };
     let decoding = Decoding::new(Strategy::Greedy, cfg.max_len);
-    let head = seqs.first(RECONSTRUCTED);
-    let rec = reconstruction_score(vae, &head, &decoding, DECODE_BATCH, device)?;
+    let some = seqs.spread(RECONSTRUCTED);
+    let rec = reconstruction_score(vae, &some, &decoding, DECODE_BATCH, device)?;
     runtime::release_free_memory();
     Ok(Validation {
         stats,
