@@ -78,7 +78,7 @@ result = {
 }
 json.dump(result, open(out + ".json", "w"), indent=2)
 sample = "\n".join(f"| {a} | {b} |" for a, b in recs[::31])
-md = f"""# Tatoeba reconstruction benchmark {result['date']}
+md = f"""# Reconstruction benchmark on {corpus}, {result['date']}
 
 Machine: {result['machine']}. `textvae train` {('`' + extra + '`') if extra else 'with no flags'}, {minutes} min
 ({result['steps']} steps, {result['epochs']} epochs, median {result['tokens_per_sec_median']:.0f} tokens/s).
