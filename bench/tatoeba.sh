@@ -8,13 +8,13 @@
 #
 #   bench/tatoeba.sh [MINUTES] [train flags...]     (MINUTES defaults to 10)
 #
-# TATOEBA (default ../shared/corpora/en/tatoeba_eng.txt) is the corpus; IW_SAMPLES (default 50)
+# TATOEBA (default corpora/tatoeba_eng.txt, the shared file's copy) is the corpus; IW_SAMPLES (default 50)
 # sets K; NAME (default tatoeba) prefixes the result files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 minutes="${1:-10}"
 shift || true
-corpus="${TATOEBA:-../shared/corpora/en/tatoeba_eng.txt}"
+corpus="${TATOEBA:-corpora/tatoeba_eng.txt}"
 k="${IW_SAMPLES:-50}"
 name="${NAME:-tatoeba}"
 [ -f "$corpus" ] || { echo "bench/tatoeba.sh: $corpus not found (set TATOEBA)" >&2; exit 1; }

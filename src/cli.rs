@@ -640,7 +640,7 @@ pub struct EncodeArgs {
     /// Also give each sentence's code refined by this many gradient steps, as `reconstruct
     /// --refine` does: the z the decoder finds most likely for it under the prior, which
     /// reconstructs it more often than mu (jsonl: a "z" field; tsv: a fourth column; npy:
-    /// [N, 3, Z] with z at [:, 2]) [default: 0, none].
+    /// [N, 3, Z] with z at [:, 2]); 0 = none.
     #[arg(long, default_value_t = 0)]
     pub refine: usize,
     #[command(flatten)]
