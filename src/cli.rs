@@ -149,6 +149,11 @@ pub struct TrainArgs {
     /// [default: 0; 0.1 with --preset ptb].
     #[arg(long, allow_negative_numbers = true)]
     pub encoder_weight_decay: Option<f64>,
+    /// Keep an exponential moving average of the weights with this decay (Polyak averaging,
+    /// e.g. 0.999; 0 = off): validation judges the average and model.safetensors keeps it,
+    /// while training goes on from the weights themselves [default: 0].
+    #[arg(long, allow_negative_numbers = true)]
+    pub ema_decay: Option<f64>,
     /// Weight of a bag-of-words loss predicting the sentence's words from z (Zhao et al. 2017;
     /// 0 = off): it makes z carry what the sentence says from the first step. Training only;
     /// the saved model does not use it.
@@ -368,6 +373,7 @@ impl TrainArgs {
         set(&mut t.target_kl, self.target_kl);
         set(&mut t.bow_weight, self.bow_weight);
         set(&mut t.encoder_weight_decay, self.encoder_weight_decay);
+        set(&mut t.ema_decay, self.ema_decay);
         set(&mut t.prior_components, self.prior_components);
         set(&mut t.select, self.select);
         set(&mut t.ae_steps, self.ae_steps);

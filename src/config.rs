@@ -481,6 +481,11 @@ pub struct TrainConfig {
     /// (README: the free-bits run-away). A checkpoint without the field had none.
     #[serde(default)]
     pub encoder_weight_decay: f64,
+    /// Decay of an exponential moving average of the weights (Polyak averaging; 0 = off): when
+    /// on, validation judges the average and `model.safetensors` keeps it, while training goes
+    /// on from the weights themselves. A checkpoint without the field had none.
+    #[serde(default)]
+    pub ema_decay: f64,
     /// Steps of autoencoder pretraining before the VAE (Li et al. 2019): beta 0 for this many
     /// steps, then the decoder is re-initialised (the encoder, and embeddings it shares, kept)
     /// and the KL schedule starts from its own step 0 (0 = off).
@@ -532,6 +537,7 @@ impl Default for TrainConfig {
             target_kl: TARGET_KL,
             bow_weight: 0.0,
             encoder_weight_decay: 0.0,
+            ema_decay: 0.0,
             kl_schedule: KlSchedule::default(),
             ae_steps: 0,
             select: Selection::default(),
@@ -609,6 +615,11 @@ impl TrainConfig {
             self.encoder_weight_decay >= 0.0 && self.encoder_weight_decay.is_finite(),
             "--encoder-weight-decay must be >= 0, got {}",
             self.encoder_weight_decay
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.ema_decay),
+            "--ema-decay must be in [0, 1), got {}",
+            self.ema_decay
         );
         ensure!(
             self.save_every >= 0.0 && self.save_every.is_finite(),

@@ -229,18 +229,10 @@ impl Adam {
         };
         let step = step.int64_value(&[0]);
         tch::no_grad(|| -> Result<()> {
-            for (((name, p), m), v) in self.params.iter().zip(&mut self.m).zip(&mut self.v) {
+            for (((name, _), m), v) in self.params.iter().zip(&mut self.m).zip(&mut self.v) {
                 for (which, dst) in [("m", m), ("v", v)] {
                     let key = format!("{PREFIX}{which}.{name}");
-                    let src = tensors.get(&key);
-                    ensure!(
-                        src.is_some_and(|s| s.size() == p.size()),
-                        "the optimiser state has no {key} of shape {:?}",
-                        p.size()
-                    );
-                    if let Some(src) = src {
-                        dst.copy_(&src.to_kind(Kind::Float));
-                    }
+                    copy_named(tensors, &key, dst, "the optimiser state")?;
                 }
             }
             Ok(())
@@ -249,6 +241,129 @@ impl Adam {
             let _ = self.step.fill_(step as f64);
         });
         Ok(true)
+    }
+}
+
+/// Copies the checkpoint tensor `key` into `dst` (float32, same shape), or says which one
+/// `what` lacks.
+fn copy_named(
+    tensors: &HashMap<String, Tensor>,
+    key: &str,
+    dst: &mut Tensor,
+    what: &str,
+) -> Result<()> {
+    let src = tensors.get(key);
+    ensure!(
+        src.is_some_and(|s| s.size() == dst.size()),
+        "{what} has no {key} of shape {:?}",
+        dst.size()
+    );
+    if let Some(src) = src {
+        dst.copy_(&src.to_kind(Kind::Float));
+    }
+    Ok(())
+}
+
+/// The prefix of the weight average's tensors in a checkpoint: `average.NAME` per variable.
+pub const AVERAGE_PREFIX: &str = "average.";
+
+/// An exponential moving average of the trainable weights (Polyak & Juditsky 1992; the form of
+/// Tensorflow's `ExponentialMovingAverage`): after each step the average moves a share
+/// `1 - decay_t` of the way to the weights, with `decay_t = min(decay, (1 + t) / (10 + t))` so
+/// that the first steps' random weights do not linger in it. The average is what validation
+/// judges and `model.safetensors` keeps; training goes on from the weights themselves.
+pub struct WeightAverage {
+    decay: f64,
+    /// (variable, its average), in name order.
+    pairs: Vec<(String, Tensor, Tensor)>,
+}
+
+impl WeightAverage {
+    /// An average starting at the weights `vs` holds now.
+    pub fn new(vs: &nn::VarStore, decay: f64) -> Self {
+        let mut vars: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let pairs = vars
+            .into_iter()
+            .map(|(name, t)| {
+                let avg = tch::no_grad(|| t.detach().copy());
+                (name, t, avg)
+            })
+            .collect();
+        Self { decay, pairs }
+    }
+
+    /// The share of the way the average moves towards the weights after step `step` (1-based).
+    pub fn rate(decay: f64, step: u64) -> f64 {
+        let t = step as f64;
+        1.0 - decay.min((1.0 + t) / (10.0 + t))
+    }
+
+    /// Moves the average towards the weights after optimiser step `step` (1-based).
+    pub fn update(&mut self, step: u64) {
+        let w = Self::rate(self.decay, step);
+        tch::no_grad(|| {
+            for (_, t, avg) in &mut self.pairs {
+                let _ = avg.lerp_(t, w);
+            }
+        });
+    }
+
+    /// Starts the average afresh at the weights (after the decoder is re-initialised).
+    pub fn reset(&mut self) {
+        tch::no_grad(|| {
+            for (_, t, avg) in &mut self.pairs {
+                avg.copy_(t);
+            }
+        });
+    }
+
+    /// Exchanges the weights and their average: called twice, everything is as it was.
+    pub fn swap(&mut self) {
+        tch::no_grad(|| {
+            for (_, t, avg) in &mut self.pairs {
+                let held = t.detach().copy();
+                t.copy_(avg);
+                avg.copy_(&held);
+            }
+        });
+    }
+
+    /// The average as named tensors (on the CPU), for a resume point.
+    pub fn named_state(&self) -> Vec<(String, Tensor)> {
+        self.pairs
+            .iter()
+            .map(|(name, _, avg)| {
+                (
+                    format!("{AVERAGE_PREFIX}{name}"),
+                    avg.to_device(Device::Cpu),
+                )
+            })
+            .collect()
+    }
+
+    /// Restores the average `named_state` gave. False when the tensors hold none (a run that
+    /// did not average before): the average starts at the weights.
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> Result<bool> {
+        let first = self
+            .pairs
+            .first()
+            .map(|(n, _, _)| format!("{AVERAGE_PREFIX}{n}"));
+        if first.is_none_or(|k| !tensors.contains_key(&k)) {
+            self.reset();
+            return Ok(false);
+        }
+        tch::no_grad(|| {
+            for (name, _, avg) in &mut self.pairs {
+                let key = format!("{AVERAGE_PREFIX}{name}");
+                copy_named(tensors, &key, avg, "the weight average")?;
+            }
+            Ok(true)
+        })
     }
 }
 
@@ -340,6 +455,51 @@ mod tests {
         let lb = nn::linear(b.root() / "l", 5, 3, Default::default());
         b.copy(&a).unwrap();
         (a, la, b, lb)
+    }
+
+    #[test]
+    fn the_average_warms_up_then_moves_by_one_minus_the_decay() {
+        // (1 + t) / (10 + t) caps the decay early: after step 1 the average moves 9/11 of the way.
+        assert!((WeightAverage::rate(0.999, 1) - 9.0 / 11.0).abs() < 1e-12);
+        assert!((WeightAverage::rate(0.999, 100_000) - 0.001).abs() < 1e-12);
+        assert!(WeightAverage::rate(0.9, 5) > WeightAverage::rate(0.9, 50));
+    }
+
+    /// The average follows the weights by lerp, swapping twice restores both exactly, and its
+    /// named state loads into a fresh average.
+    #[test]
+    fn the_average_tracks_swaps_and_reloads_the_weights() {
+        let _rng = crate::seeded(17);
+        let (a, mut la, _, _) = two_models();
+        let start = la.ws.copy();
+        let mut avg = WeightAverage::new(&a, 0.5);
+        tch::no_grad(|| {
+            la.ws.copy_(&(&start + 2.0));
+        });
+        avg.update(1_000); // rate 0.5
+        let avg_ws = |avg: &WeightAverage| {
+            avg.pairs
+                .iter()
+                .find(|p| p.0 == "l.weight")
+                .unwrap()
+                .2
+                .copy()
+        };
+        assert!(avg_ws(&avg).allclose(&(&start + 1.0), 1e-6, 1e-6, false));
+        let live = la.ws.copy();
+        avg.swap();
+        assert!(la.ws.allclose(&(&start + 1.0), 1e-6, 1e-6, false));
+        avg.swap();
+        assert!(la.ws.equal(&live) && avg_ws(&avg).allclose(&(&start + 1.0), 1e-6, 1e-6, false));
+
+        let saved: HashMap<String, Tensor> = avg.named_state().into_iter().collect();
+        assert!(saved.contains_key("average.l.weight") && saved.contains_key("average.l.bias"));
+        let mut fresh = WeightAverage::new(&a, 0.5);
+        assert!(fresh.load_state(&saved).unwrap());
+        assert!(avg_ws(&fresh).equal(&avg_ws(&avg)));
+        // Tensors without an average (a checkpoint of a run that had none): it starts afresh.
+        assert!(!fresh.load_state(&HashMap::new()).unwrap());
+        assert!(avg_ws(&fresh).equal(&la.ws));
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::loss::{
     word_dropout,
 };
 use crate::model::{BowHead, Pass, Vae, ZFrom};
-use crate::optim::{Adam, StepControl};
+use crate::optim::{Adam, StepControl, WeightAverage};
 use crate::prior::{FitReport, Prior};
 use crate::runtime;
 use crate::sample::{Decoding, Strategy, DECODE_BATCH};
@@ -188,6 +188,8 @@ struct Trainer<'a> {
     vae: Vae,
     bow: Option<BowHead>,
     opt: Adam,
+    /// The weights' moving average (--ema-decay), what validation judges and the model keeps.
+    average: Option<WeightAverage>,
     state: TrainState,
     metrics: ckpt::MetricsLog,
     /// A new model's files, written with its first checkpoint: with --force the old model stays
@@ -241,6 +243,7 @@ impl<'a> Trainer<'a> {
         let opt = Adam::new(&vs).with_weight_decay(cfg.encoder_weight_decay, |name| {
             name.starts_with("encoder.")
         });
+        let average = (cfg.ema_decay > 0.0).then(|| WeightAverage::new(&vs, cfg.ema_decay));
         let mut t = Self {
             req,
             // Writes nothing until `resume` or `start_new` says what the log holds.
@@ -256,6 +259,7 @@ impl<'a> Trainer<'a> {
             vae,
             bow,
             opt,
+            average,
             state,
             new_model: None,
             started,
@@ -297,6 +301,11 @@ impl<'a> Trainer<'a> {
             ckpt::write_json(&self.dir.join(ckpt::CONFIG), &config)?;
         }
         let exact = self.opt.load_state(&point.tensors)?;
+        if let Some(average) = &mut self.average {
+            if !average.load_state(&point.tensors)? {
+                log("the checkpoint has no weight average (--ema-decay was off): it starts at the weights");
+            }
+        }
         let (metrics, dropped) = ckpt::MetricsLog::resume(&self.dir, self.state.step)?;
         self.metrics = metrics;
         let s = &self.state;
@@ -513,6 +522,9 @@ impl<'a> Trainer<'a> {
             reinit_decoder(&self.vs, &self.model_cfg)?;
             // Adam's moments belong to the old decoder: start them afresh.
             self.opt.reset();
+            if let Some(average) = &mut self.average {
+                average.reset();
+            }
             log(&format!(
                 "step {}: autoencoder pretraining done; decoder re-initialised, KL schedule starts",
                 self.state.step
@@ -540,6 +552,9 @@ impl<'a> Trainer<'a> {
             .mean(Kind::Float);
         let ctl = optimiser_step(&mut self.opt, &loss, cfg.clip_norm, self.state.lr)?;
         self.state.step += 1;
+        if let Some(average) = &mut self.average {
+            average.update(self.state.step);
+        }
         window.add(&[&loss, &rec, &kl], &ctl.skip, batch.n_tokens);
         self.skips
             .add(&ctl.skip, self.state.step, cfg.max_nonfinite);
@@ -575,10 +590,14 @@ impl<'a> Trainer<'a> {
     /// A checkpoint within an epoch: what --resume needs, no validation.
     fn save_resume_point(&mut self) -> Result<()> {
         self.state.elapsed_secs = self.run_secs();
+        let mut optimiser = self.opt.named_state();
+        if let Some(average) = &self.average {
+            optimiser.extend(average.named_state());
+        }
         ckpt::save_resume_point(
             &self.dir.join(ckpt::LAST_WEIGHTS),
             &self.vs,
-            self.opt.named_state(),
+            optimiser,
             &self.state,
         )?;
         ckpt::write_json(&self.dir.join(ckpt::STATE), &self.state)?;
@@ -625,6 +644,32 @@ impl<'a> Trainer<'a> {
             self.state.epoch += 1;
             self.state.batch_in_epoch = 0;
         }
+        // With --ema-decay the variables hold the average while it is judged and kept, and the
+        // weights themselves again before the resume point, whatever happened in between.
+        self.swap_average();
+        let judged = self.judge_and_keep(epoch, partial);
+        self.swap_average();
+        let v = judged?;
+        self.metrics
+            .append(&v.record(epoch, &self.state, partial))?;
+        self.save_resume_point()?;
+        if self.dir.join(ckpt::WEIGHTS).is_file() {
+            // Recorded once a loadable model exists, so `generate` never finds a half-made one.
+            ckpt::record_latest(&self.dir)?;
+        }
+        Ok(v.stats)
+    }
+
+    /// Exchanges the weights and their moving average, when there is one.
+    fn swap_average(&mut self) {
+        if let Some(average) = &mut self.average {
+            average.swap();
+        }
+    }
+
+    /// Validates the model the variables hold, updates the selection and plateau state, logs the
+    /// epoch and saves the weights as the kept model when the criterion says so.
+    fn judge_and_keep(&mut self, epoch: usize, partial: bool) -> Result<Validation> {
         let cfg = &self.cfg;
         let v = validate(&self.vae, &self.prep.valid.seqs, cfg, self.req.device)?;
         // Steps with a non-finite loss are skipped, so this is weights grown past float32's
@@ -665,14 +710,7 @@ impl<'a> Trainer<'a> {
         if keep {
             ckpt::save_weights(&self.vs, &self.dir.join(ckpt::WEIGHTS))?;
         }
-        self.metrics
-            .append(&v.record(epoch, &self.state, partial))?;
-        self.save_resume_point()?;
-        if self.dir.join(ckpt::WEIGHTS).is_file() {
-            // Recorded once a loadable model exists, so `generate` never finds a half-made one.
-            ckpt::record_latest(&self.dir)?;
-        }
-        Ok(v.stats)
+        Ok(v)
     }
 }
 
@@ -725,7 +763,7 @@ fn objective_plan(cfg: &TrainConfig) -> String {
     // A clause of the objective's description, present only when its setting is on.
     let clause = |on: bool, text: String| if on { text } else { String::new() };
     format!(
-        "keeping the weights with the best {} (--select {}); objective rec + beta * KL term{}{}{}{}",
+        "keeping the weights with the best {} (--select {}); objective rec + beta * KL term{}{}{}{}{}",
         cfg.select.describe(),
         cfg.select
             .to_possible_value()
@@ -747,6 +785,13 @@ fn objective_plan(cfg: &TrainConfig) -> String {
             format!(
                 "; encoder weight decay {} (AdamW)",
                 cfg.encoder_weight_decay
+            )
+        ),
+        clause(
+            cfg.ema_decay > 0.0,
+            format!(
+                "; the weights' moving average (decay {}) is what is judged and kept",
+                cfg.ema_decay
             )
         ),
     )

@@ -184,17 +184,33 @@ fn train_losses(dir: &std::path::Path) -> Vec<(u64, [f64; 3])> {
         .collect()
 }
 
+/// Every tensor of a safetensors file, by name.
+fn tensors_in(path: &std::path::Path) -> std::collections::HashMap<String, Tensor> {
+    Tensor::read_safetensors(path)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
 /// A run interrupted within an epoch and resumed ends where the uninterrupted run ends: the same
 /// loss at every step and the same weights. Adam's moments, the position in the epoch and each
-/// step's noise (word dropout, dropout, z) are all part of the checkpoint or a function of it.
+/// step's noise (word dropout, dropout, z) are all part of the checkpoint or a function of it;
+/// so is the weights' moving average (--ema-decay), which validation swaps in and out.
 #[test]
 fn an_interrupted_and_resumed_run_matches_the_uninterrupted_one() {
+    for ema_decay in [0.0, 0.9] {
+        resumed_run_matches_the_uninterrupted_one(ema_decay);
+    }
+}
+
+fn resumed_run_matches_the_uninterrupted_one(ema_decay: f64) {
     let _rng = common::rng_lock();
     tch::set_num_threads(1);
     let cfg = TrainConfig {
         batch_size: 4,
         epochs: 2,
         log_every: 1,
+        ema_decay,
         ..Default::default()
     };
     let with_dropout = |mut req: TrainRequest| {
@@ -234,19 +250,60 @@ fn an_interrupted_and_resumed_run_matches_the_uninterrupted_one() {
             );
         }
     }
-    let weights = |dir: &std::path::Path| -> std::collections::HashMap<String, Tensor> {
-        Tensor::read_safetensors(dir.join(checkpoint::LAST_WEIGHTS))
-            .unwrap()
-            .into_iter()
-            .collect()
-    };
-    let (wa, wb) = (weights(&whole.dir), weights(&second.dir));
+    let (wa, wb) = (
+        tensors_in(&whole.dir.join(checkpoint::LAST_WEIGHTS)),
+        tensors_in(&second.dir.join(checkpoint::LAST_WEIGHTS)),
+    );
     assert_eq!(wa.len(), wb.len());
+    assert_eq!(
+        wa.keys().any(|k| k.starts_with("average.")),
+        ema_decay > 0.0,
+        "the resume point holds the average exactly when there is one"
+    );
     for (name, t) in &wa {
         if t.kind() == Kind::Float {
             assert!(t.allclose(&wb[name], 1e-5, 1e-6, false), "{name} differs");
         }
     }
+}
+
+/// With --ema-decay the kept model is the weights' moving average, not the weights: after the
+/// last epoch (`--select last`) model.safetensors holds what the resume point holds as
+/// `average.*`, and the weights themselves differ from it.
+#[test]
+fn with_a_moving_average_the_kept_model_is_the_average() {
+    let _rng = common::rng_lock();
+    tch::set_num_threads(1);
+    let cfg = TrainConfig {
+        batch_size: 4,
+        epochs: 2,
+        ema_decay: 0.9,
+        select: textvae::config::Selection::Last,
+        prior_components: 0,
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let summary = train_tiny(dir.path(), cfg);
+    let (kept, last) = (
+        tensors_in(&summary.dir.join(checkpoint::WEIGHTS)),
+        tensors_in(&summary.dir.join(checkpoint::LAST_WEIGHTS)),
+    );
+    let mut moved = 0;
+    for (name, w) in &last {
+        let Some(avg) = last.get(&format!("average.{name}")) else {
+            continue;
+        };
+        assert!(
+            kept[name].equal(avg),
+            "{name}: the kept model is not the average"
+        );
+        moved += usize::from(!w.allclose(avg, 1e-6, 1e-7, false));
+    }
+    assert!(
+        moved > 0,
+        "no variable had an average apart from its weights"
+    );
+    assert!(kept_model_elbo(&summary.dir).is_finite());
 }
 
 /// `--force` replaces a model only once the new run has saved: a replacement that fails before
