@@ -240,9 +240,11 @@ impl<'a> Trainer<'a> {
         let mut vae = Vae::new(vs.root(), &model_cfg);
         vae.train_kind = runtime::matmul_kind(cfg.precision, req.device);
         let bow = (cfg.bow_weight > 0.0).then(|| BowHead::new(vs.root() / "bow", &model_cfg));
-        let opt = Adam::new(&vs).with_weight_decay(cfg.encoder_weight_decay, |name| {
-            name.starts_with("encoder.")
-        });
+        let opt = Adam::new(&vs)
+            .with_weight_decay(cfg.weight_decay, |_| true)
+            .with_weight_decay(cfg.encoder_weight_decay.max(cfg.weight_decay), |name| {
+                name.starts_with("encoder.")
+            });
         let average = (cfg.ema_decay > 0.0).then(|| WeightAverage::new(&vs, cfg.ema_decay));
         let mut t = Self {
             req,
@@ -763,7 +765,7 @@ fn objective_plan(cfg: &TrainConfig) -> String {
     // A clause of the objective's description, present only when its setting is on.
     let clause = |on: bool, text: String| if on { text } else { String::new() };
     format!(
-        "keeping the weights with the best {} (--select {}); objective rec + beta * KL term{}{}{}{}{}",
+        "keeping the weights with the best {} (--select {}); objective rec + beta * KL term{}{}{}{}{}{}",
         cfg.select.describe(),
         cfg.select
             .to_possible_value()
@@ -786,6 +788,10 @@ fn objective_plan(cfg: &TrainConfig) -> String {
                 "; encoder weight decay {} (AdamW)",
                 cfg.encoder_weight_decay
             )
+        ),
+        clause(
+            cfg.weight_decay > 0.0,
+            format!("; weight decay {} (AdamW)", cfg.weight_decay)
         ),
         clause(
             cfg.ema_decay > 0.0,
