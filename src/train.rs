@@ -847,7 +847,8 @@ impl TrainingMemory {
         let batch_tokens: u64 = lengths.iter().take(cfg.batch_size).sum();
         Self {
             parameters,
-            parameter_bytes: parameters.max(0) as u64 * 4 * 4,
+            // Weights, gradients and Adam's two moments, and the moving average when kept.
+            parameter_bytes: parameters.max(0) as u64 * 4 * (4 + u64::from(cfg.ema_decay > 0.0)),
             batch_tokens,
             output_bytes: batch_tokens * v.max(0) as u64 * 4 * 2,
         }
