@@ -92,12 +92,7 @@ fn handles<'a>(ts: impl Iterator<Item = &'a Tensor>) -> Vec<*mut C_tensor> {
 
 impl Adam {
     pub fn new(vs: &nn::VarStore) -> Self {
-        let mut params: Vec<(String, Tensor)> = vs
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .collect();
-        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let params = trainable(vs);
         let zeros =
             |params: &[(String, Tensor)]| params.iter().map(|(_, p)| p.zeros_like()).collect();
         Self {
@@ -244,6 +239,17 @@ impl Adam {
     }
 }
 
+/// The trainable variables of `vs` by name, in name order.
+fn trainable(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut vars: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
 /// Copies the checkpoint tensor `key` into `dst` (float32, same shape), or says which one
 /// `what` lacks.
 fn copy_named(
@@ -281,13 +287,7 @@ pub struct WeightAverage {
 impl WeightAverage {
     /// An average starting at the weights `vs` holds now.
     pub fn new(vs: &nn::VarStore, decay: f64) -> Self {
-        let mut vars: Vec<(String, Tensor)> = vs
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let pairs = vars
+        let pairs = trainable(vs)
             .into_iter()
             .map(|(name, t)| {
                 let avg = tch::no_grad(|| t.detach().copy());
