@@ -8,7 +8,9 @@
 #
 # PTB_DIR (default ../shared/corpora/ptb) is where the data is read from: PTB is never copied into
 # the repository. IW_SAMPLES (default 500) sets K; TEST_SENTENCES evaluates that many test
-# sentences, evenly spaced, instead of all 3,761; NAME (default ptb) prefixes the result files.
+# sentences, evenly spaced, instead of all 3,761; NAME (default ptb) prefixes the result files;
+# PRESET (default ptb; ptb-wide is the 512-wide recipe of the README's best row) is the starting
+# configuration the flags are laid over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 minutes="${1:-60}"
@@ -16,6 +18,7 @@ shift || true
 ptb="${PTB_DIR:-../shared/corpora/ptb}"
 k="${IW_SAMPLES:-500}"
 name="${NAME:-ptb}"
+preset="${PRESET:-ptb}"
 subset=()
 [ -n "${TEST_SENTENCES:-}" ] && subset=(--sentences "$TEST_SENTENCES")
 for f in ptb.train.txt ptb.valid.txt ptb.test.txt; do
@@ -35,7 +38,7 @@ measured() { # NAME COMMAND...
   if [ -x /usr/bin/time ]; then /usr/bin/time -f %M -o "$rss/$name" "$@"; else "$@"; fi
 }
 start=$(date +%s)
-measured train $bin train "$ptb/ptb.train.txt" --valid "$ptb/ptb.valid.txt" --preset ptb \
+measured train $bin train "$ptb/ptb.train.txt" --valid "$ptb/ptb.valid.txt" --preset "$preset" \
   --max-minutes "$minutes" --out "$model" "$@"
 train_secs=$(( $(date +%s) - start ))
 start=$(date +%s)
@@ -53,9 +56,9 @@ printf '%s\t%s\n' "no it was n't black monday" "i made a similar line and i prod
   > "$model/pairs.tsv"
 $bin interpolate --pairs "$model/pairs.tsv" --steps 8 "${m[@]}" > "$model/interpolations.txt"
 
-python3 - "$model" "$results/$name-$stamp" "$minutes" "$train_secs" "$eval_secs" "$*" <<'PY'
+python3 - "$model" "$results/$name-$stamp" "$minutes" "$train_secs" "$eval_secs" "$*" "$preset" <<'PY'
 import json, os, platform, statistics, sys
-model, out, minutes, train_secs, eval_secs, extra = sys.argv[1:]
+model, out, minutes, train_secs, eval_secs, extra, preset = sys.argv[1:]
 test = json.load(open(os.path.join(model, "test.json")))
 config = json.load(open(os.path.join(model, "config.json")))
 state = json.load(open(os.path.join(model, "state.json")))
@@ -69,6 +72,7 @@ result = {
     "budget_minutes": float(minutes),
     "train_seconds": int(train_secs),
     "eval_seconds": int(eval_secs),
+    "preset": preset,
     "extra_flags": extra,
     "steps": state["step"],
     "epochs": state["epoch"],
@@ -88,7 +92,7 @@ t = test
 md = f"""# PTB benchmark {result['date']}
 
 Machine: {result['machine']}. Training budget {minutes} min ({result['steps']} steps, {result['epochs']} epochs,
-median {result['tokens_per_sec_median']:.0f} tokens/s); test evaluation {eval_secs} s. Extra flags: `{extra or 'none'}`.
+median {result['tokens_per_sec_median']:.0f} tokens/s); test evaluation {eval_secs} s. `--preset {preset}`, extra flags: `{extra or 'none'}`.
 Peak RSS: training {result['train_peak_rss_mib'] or float('nan'):.0f} MiB, evaluation {result['eval_peak_rss_mib'] or float('nan'):.0f} MiB.
 Training curves: [{os.path.basename(out)}.png]({os.path.basename(out)}.png).
 

@@ -83,7 +83,8 @@ pub struct TrainArgs {
     /// Checkpoint directory [default: checkpoints/<corpus name>].
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Starting configuration; the flags below override it (`ptb`: see README, Results).
+    /// Starting configuration; the flags below override it (`ptb`, `ptb-wide`: see README,
+    /// Penn Treebank benchmark).
     #[arg(long, value_enum, default_value = "default")]
     pub preset: Preset,
     /// `word`, `bpe`, or a saved tokenizer .json [default: bpe; word with --preset ptb].
