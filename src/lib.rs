@@ -20,6 +20,7 @@ pub mod runtime;
 pub mod sample;
 pub mod tokenizer;
 pub mod train;
+pub mod utf8;
 
 use rand::SeedableRng;
 

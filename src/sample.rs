@@ -1,7 +1,10 @@
 //! Decoding sentences from latent codes, shared by `generate`, `reconstruct` and `interpolate`:
 //! z [B, Z] is decoded for all B sentences at once on the model's device under no-grad, with
 //! greedy decoding, temperature sampling with optional top-k (Fan et al. 2018) and nucleus /
-//! top-p filtering (Holtzman et al. 2020), or beam search with length normalisation.
+//! top-p filtering (Holtzman et al. 2020), or beam search with length normalisation; with a
+//! byte-level vocabulary, only tokens that keep the text valid UTF-8 ([`crate::utf8`]).
+
+use std::sync::Arc;
 
 use anyhow::{ensure, Result};
 use tch::nn::LSTMState;
@@ -9,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::model::Vae;
 use crate::tokenizer::{TextTokenizer, BOS, EOS, PAD};
+use crate::utf8::{Utf8Guard, Utf8Rows};
 
 /// How the next token is chosen from the decoder's distribution.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -168,7 +172,7 @@ fn ban_specials(mut logits: Tensor) -> Tensor {
 }
 
 /// Everything that decides how z becomes a sentence.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Decoding {
     pub strategy: Strategy,
     /// At most this many tokens per sentence.
@@ -176,6 +180,9 @@ pub struct Decoding {
     /// Never repeat an n-gram of this size within a sentence (0 = off), as fairseq's and
     /// Hugging Face's `no_repeat_ngram_size`: the cure for greedy and beam loops.
     pub no_repeat_ngram: usize,
+    /// For a byte-level vocabulary: only tokens that keep the text valid UTF-8
+    /// ([`Decoding::for_tokenizer`] sets it).
+    pub utf8: Option<Arc<Utf8Guard>>,
 }
 
 /// The repeat guard greedy and beam decoding get unless told otherwise: a deterministic decoder
@@ -204,6 +211,16 @@ impl Decoding {
             strategy,
             max_len,
             no_repeat_ngram: strategy.default_no_repeat_ngram(),
+            utf8: None,
+        }
+    }
+
+    /// This decoding for `tok`'s vocabulary: with a byte-level one, never a token that would
+    /// break a character ([`Utf8Guard`]).
+    pub fn for_tokenizer(self, tok: &TextTokenizer) -> Self {
+        Self {
+            utf8: Utf8Guard::new(tok).map(Arc::new),
+            ..self
         }
     }
 
@@ -286,14 +303,16 @@ fn sample_tokens(vae: &Vae, z: &Tensor, decoding: &Decoding) -> Result<Vec<Vec<i
     let mut state = vae.decoder.init_state(&z);
     let mut skip = vae.decoder.z_skip(&z); // the same at every step
     let mut tokens = Tensor::full([b as i64], BOS, (Kind::Int64, device));
+    let mut utf8 = Utf8Rows::new(decoding.utf8.as_deref(), b, device);
     for _ in 0..max_len {
         if rows.is_empty() {
             break;
         }
         let (logits, next_state) = vae.decoder.step(&tokens, &z, skip.as_ref(), &state);
-        let logits = ban_repeats(ban_specials(logits), &histories, n);
+        let logits = utf8.restrict(ban_repeats(ban_specials(logits), &histories, n));
         let next = strategy.choose(&logits); // [A]
         let host: Vec<i64> = Vec::try_from(next.to_device(Device::Cpu))?;
+        utf8.advance(&host);
         let mut keep: Vec<i64> = Vec::with_capacity(rows.len());
         for (j, &t) in host.iter().enumerate() {
             if t == EOS {
@@ -308,6 +327,7 @@ fn sample_tokens(vae: &Vae, z: &Tensor, decoding: &Decoding) -> Result<Vec<Vec<i
             continue;
         }
         rows = keep.iter().map(|&j| rows[j as usize]).collect();
+        utf8.keep(&keep);
         histories = keep
             .iter()
             .map(|&j| std::mem::take(&mut histories[j as usize]))
@@ -323,7 +343,7 @@ fn sample_tokens(vae: &Vae, z: &Tensor, decoding: &Decoding) -> Result<Vec<Vec<i
     for (row, history) in rows.into_iter().zip(histories) {
         out[row] = history;
     }
-    Ok(out)
+    Ok(utf8.trim(out))
 }
 
 /// A finished hypothesis: its tokens and its log-probability per token (counting `</s>`).
@@ -355,10 +375,13 @@ fn beam_search(vae: &Vae, z: &Tensor, k: usize, decoding: &Decoding) -> Result<V
         .collect();
     let mut histories: Vec<Vec<i64>> = vec![Vec::new(); b * k];
     let mut finished: Vec<Vec<Hypothesis>> = (0..b).map(|_| Vec::new()).collect();
+    let mut utf8 = Utf8Rows::new(decoding.utf8.as_deref(), b * k, device);
 
     for _ in 0..max_len {
         let (logits, next_state) = vae.decoder.step(&tokens, &zk, zk_skip.as_ref(), &state);
-        let logp = ban_specials(logits).log_softmax(-1, Kind::Float); // [L*K, V]
+        let logp = utf8
+            .restrict(ban_specials(logits))
+            .log_softmax(-1, Kind::Float); // [L*K, V]
         let logp = ban_repeats(logp, &histories, n);
         let v = logp.size()[1];
         let prev = Tensor::from_slice(&scores)
@@ -393,10 +416,11 @@ fn beam_search(vae: &Vae, z: &Tensor, k: usize, decoding: &Decoding) -> Result<V
         zk = zk.index_select(0, &src);
         zk_skip = zk_skip.map(|t| t.index_select(0, &src));
         histories = continue_histories(histories, &next.src_rows, &next.tokens);
+        utf8.continue_rows(&next.src_rows, &next.tokens);
         tokens = Tensor::from_slice(&next.tokens).to_device(device);
         (live, scores) = (next.live, next.scores);
     }
-    Ok(best_hypotheses(finished, &live, k, &scores, &histories))
+    Ok(utf8.trim(best_hypotheses(finished, &live, k, &scores, &histories)))
 }
 
 /// The histories of the next step's rows: row i continues `src_rows[i]` with `tokens[i]`. A
@@ -837,9 +861,8 @@ mod tests {
             sample(1.0, None, None),
         ] {
             let decoding = Decoding {
-                strategy,
-                max_len: 30,
                 no_repeat_ngram: 2,
+                ..Decoding::new(strategy, 30)
             };
             for s in decode_z(&vae, &z, &decoding).unwrap() {
                 let mut seen = std::collections::HashSet::new();
@@ -879,9 +902,8 @@ mod tests {
         );
         // And beam 1 is still greedy with blocking on.
         let with = |strategy| Decoding {
-            strategy,
-            max_len: 30,
             no_repeat_ngram: 3,
+            ..Decoding::new(strategy, 30)
         };
         assert_eq!(
             decode_z(&vae, &z, &with(Strategy::Greedy)).unwrap(),

@@ -6,11 +6,12 @@
 //! punctuation, accents and Chinese without spaces all survive, and decoding restores the text).
 //! The four special tokens always take ids 0..=3 in this order.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::wordlevel::{WordLevel, WordLevelTrainer};
 use tokenizers::models::{ModelWrapper, TrainerWrapper};
@@ -310,6 +311,46 @@ impl TextTokenizer {
     pub fn token_to_id(&self, token: &str) -> Option<i64> {
         self.inner.token_to_id(token).map(|i| i as i64)
     }
+
+    /// The bytes each id stands for (indexed by id; the special tokens get none), for a
+    /// tokenizer that decodes bytes (byte-level BPE, GPT-2's scheme); None for any other, whose
+    /// tokens are whole strings.
+    pub fn token_bytes(&self) -> Option<Vec<Vec<u8>>> {
+        if !matches!(self.inner.get_decoder(), Some(DecoderWrapper::ByteLevel(_))) {
+            return None;
+        }
+        let bytes_of = byte_level_bytes();
+        let mut out = vec![Vec::new(); self.vocab_size() as usize];
+        for (token, id) in self.inner.get_vocab(true) {
+            if (id as usize) < SPECIALS.len() {
+                continue;
+            }
+            // A character outside the byte alphabet is not a byte-level token: no guarantee.
+            let bytes: Option<Vec<u8>> = token.chars().map(|c| bytes_of.get(&c).copied()).collect();
+            out[id as usize] = bytes?;
+        }
+        Some(out)
+    }
+}
+
+/// The byte each character of a byte-level token stands for: GPT-2's `bytes_to_unicode`, which
+/// the tokenizers crate keeps private. Printable Latin-1 bytes are their own character; the
+/// others, in order, take the characters from U+0100 on. (A test checks it against the crate's
+/// alphabet and its encodings.)
+fn byte_level_bytes() -> HashMap<char, u8> {
+    let mut shifted = 0u32;
+    (0u8..=255)
+        .filter_map(|b| {
+            let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+            let code = if printable {
+                u32::from(b)
+            } else {
+                shifted += 1;
+                255 + shifted
+            };
+            char::from_u32(code).map(|c| (c, b))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -375,6 +416,38 @@ mod tests {
             assert_eq!(tok.decode(&with_eos).unwrap(), s);
         }
         assert_eq!(tok.kind(), "bpe");
+    }
+
+    #[test]
+    fn byte_level_tokens_spell_the_bytes_of_the_text() {
+        let alphabet: HashSet<char> = ByteLevel::alphabet().into_iter().collect();
+        let ours = byte_level_bytes();
+        assert_eq!(ours.keys().copied().collect::<HashSet<_>>(), alphabet);
+        assert_eq!(ours.values().copied().collect::<HashSet<_>>().len(), 256);
+        let corpus = lines(&[
+            "我们今天去公园吧。",
+            "Café, naïve — “quoted”.",
+            "Tab\there 🙂",
+        ]);
+        let tok = TextTokenizer::train_bpe(&corpus, 300).unwrap();
+        let bytes = tok.token_bytes().unwrap();
+        assert_eq!(bytes.len(), tok.vocab_size() as usize);
+        assert!(bytes[..SPECIALS.len()].iter().all(Vec::is_empty));
+        for s in ["我们去公园。", "Café — naïve", "🙂 über"] {
+            let spelled: Vec<u8> = tok
+                .encode(s)
+                .unwrap()
+                .iter()
+                .flat_map(|&i| bytes[i as usize].clone())
+                .collect();
+            // The pre-tokenizer's prefix space (GPT-2's), which decoding takes off again.
+            assert_eq!(String::from_utf8(spelled).unwrap(), format!(" {s}"));
+        }
+        let word = TextTokenizer::train_word(&lines(&["a b c"]), 10).unwrap();
+        assert!(
+            word.token_bytes().is_none(),
+            "word tokens are whole strings"
+        );
     }
 
     #[test]

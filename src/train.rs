@@ -673,7 +673,13 @@ impl<'a> Trainer<'a> {
     /// epoch and saves the weights as the kept model when the criterion says so.
     fn judge_and_keep(&mut self, epoch: usize, partial: bool) -> Result<Validation> {
         let cfg = &self.cfg;
-        let v = validate(&self.vae, &self.prep.valid.seqs, cfg, self.req.device)?;
+        let v = validate(
+            &self.vae,
+            &self.prep.valid.seqs,
+            &self.prep.tokenizer,
+            cfg,
+            self.req.device,
+        )?;
         // Steps with a non-finite loss are skipped, so this is weights grown past float32's
         // range: training on from them only wastes the budget, and saving them loses the last
         // good resume point.
@@ -1157,7 +1163,13 @@ const RECONSTRUCTED: usize = 1000;
 const NLL_SENTENCES: usize = 500;
 const NLL_SAMPLES: usize = 20;
 
-fn validate(vae: &Vae, seqs: &Sentences, cfg: &TrainConfig, device: Device) -> Result<Validation> {
+fn validate(
+    vae: &Vae,
+    seqs: &Sentences,
+    tok: &TextTokenizer,
+    cfg: &TrainConfig,
+    device: Device,
+) -> Result<Validation> {
     // Validation's batches and the training steps after it differ in shape: neither keeps the
     // other's freed blocks.
     runtime::release_free_memory();
@@ -1175,7 +1187,7 @@ fn validate(vae: &Vae, seqs: &Sentences, cfg: &TrainConfig, device: Device) -> R
             iw_nll(vae, &some, NLL_SAMPLES, cfg.batch_size.max(64), device)
         }
     };
-    let decoding = Decoding::new(Strategy::Greedy, cfg.max_len);
+    let decoding = Decoding::new(Strategy::Greedy, cfg.max_len).for_tokenizer(tok);
     let some = seqs.spread(RECONSTRUCTED);
     let rec = reconstruction_score(vae, &some, &decoding, DECODE_BATCH, device)?;
     runtime::release_free_memory();

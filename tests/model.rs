@@ -529,3 +529,54 @@ fn word_tokenizer_covers_every_ptb_training_word() {
         tok.vocab_size()
     );
 }
+
+/// A byte-level vocabulary has tokens for pieces of characters, so an untrained decoder, which
+/// chooses among them at random, writes broken characters (U+FFFD in the text) in most of its
+/// sentences; decoding for the tokenizer never does, whatever the strategy.
+#[test]
+fn decoding_for_a_byte_level_tokenizer_writes_only_whole_characters() {
+    let _rng = common::rng_lock();
+    tch::manual_seed(5);
+    let lines: Vec<String> = [
+        "我们今天去公园吧。",
+        "他说：“你好！”",
+        "Café, naïve — done.",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let tok = TextTokenizer::train(&TokenizerSpec::Bpe, &lines, Some(300)).unwrap();
+    let cfg = ModelConfig {
+        vocab_size: tok.vocab_size(),
+        ..tiny_model()
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vae = Vae::new(vs.root(), &cfg);
+    let z = Tensor::randn([64, 8], (Kind::Float, Device::Cpu));
+    let broken = |decoding: &Decoding| {
+        textvae::sample::decode_texts(&vae, &tok, &z, decoding, 64)
+            .unwrap()
+            .iter()
+            .filter(|s| s.contains('\u{FFFD}'))
+            .count()
+    };
+    let sampled = Strategy::Sample {
+        temperature: 1.0,
+        top_k: None,
+        top_p: None,
+    };
+    for strategy in [Strategy::Greedy, Strategy::Beam { width: 3 }, sampled] {
+        let decoding = Decoding::new(strategy, 20);
+        assert_eq!(
+            broken(&decoding.clone().for_tokenizer(&tok)),
+            0,
+            "{strategy:?}"
+        );
+    }
+    // The check bites: the same decoder without the guard breaks characters.
+    let free = broken(&Decoding::new(sampled, 20));
+    assert!(
+        free > 10,
+        "only {free} of 64 broken: the test would prove little"
+    );
+}
