@@ -114,11 +114,10 @@ impl Utf8Guard {
     /// repeat guard has banned every allowed one) starts afresh between characters: the text has
     /// a U+FFFD there, as it would without the guard.
     pub fn after(&self, s: u8, t: i64) -> u8 {
-        match usize::try_from(t) {
-            Ok(t) if t < self.vocab && self.next[s as usize * self.vocab + t] != REJECT => {
-                self.next[s as usize * self.vocab + t]
-            }
-            _ => START,
+        if (0..self.vocab as i64).contains(&t) && self.allows(s, t) {
+            self.next[s as usize * self.vocab + t as usize]
+        } else {
+            START
         }
     }
 
