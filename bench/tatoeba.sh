@@ -35,11 +35,6 @@ $bin reconstruct "$work/unseen.txt" "${m[@]}" > "$work/reconstructions.tsv"
 # The same with each code refined by 30 gradient steps (reconstruct --refine): what the encoder misses.
 $bin reconstruct "$work/unseen.txt" "${m[@]}" --refine 30 --score \
   > "$work/reconstructions-refined.tsv" 2> "$work/refined-score.txt"
-{
-  $bin interpolate "Grab Tom." "I'm sober." --steps 8 "${m[@]}"
-  echo
-  $bin interpolate "Tom has known Mary since childhood." "Where is the nearest bank?" --steps 8 "${m[@]}"
-} > "$work/interpolations.txt"
 # One pair says little about walks in general: 50 pairs of unseen sentences, drawn with a fixed seed.
 python3 -c '
 import random, sys
@@ -49,6 +44,15 @@ for _ in range(50):
     print("\t".join(rng.sample(lines, 2)))
 ' "$work/unseen.txt" > "$work/pairs.tsv"
 $bin interpolate --pairs "$work/pairs.tsv" --steps 8 "${m[@]}" > "$work/walks.txt"
+# Two walks to read: issue 9's pairs on English Tatoeba, else the first two seeded pairs (English
+# sentences would say nothing about a model of another language).
+if [ "$(basename "$corpus")" = tatoeba_eng.txt ]; then
+  printf '%s\t%s\n' "Grab Tom." "I'm sober." \
+    "Tom has known Mary since childhood." "Where is the nearest bank?" > "$work/examples.tsv"
+else
+  head -n 2 "$work/pairs.tsv" > "$work/examples.tsv"
+fi
+$bin interpolate --pairs "$work/examples.tsv" --steps 8 "${m[@]}" > "$work/interpolations.txt"
 python3 - "$work" "bench/results/$name-$stamp" "$minutes" "$train_secs" "$*" "$(basename "$corpus")" <<'PY'
 import json, os, re, statistics, sys
 work, out, minutes, train_secs, extra, corpus = sys.argv[1:]
