@@ -1177,16 +1177,16 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         println!(
             "{}: {} sentences, {} tokens (</s> counted, <s> not)",
             a.file.display(),
-            r.sentences,
-            r.tokens
+            r.elbo.sentences,
+            r.elbo.tokens
         );
-        println!("rec  {:.2}  kl {:.2}  elbo {:.2}  nats/sentence (1 sample, beta 1: an upper bound on the NLL)", r.rec, r.kl, r.neg_elbo);
+        println!("rec  {:.2}  kl {:.2}  elbo {:.2}  nats/sentence (1 sample, beta 1: an upper bound on the NLL)", r.elbo.rec, r.elbo.kl, r.elbo.neg_elbo);
         println!(
             "prior {}{}",
             model.vae.prior.describe(),
             match model.vae.prior {
                 Prior::Normal => String::new(),
-                Prior::Mixture(_) => format!(" (KL to N(0, I): {:.2})", r.kl_normal),
+                Prior::Mixture(_) => format!(" (KL to N(0, I): {:.2})", r.elbo.kl_normal),
             }
         );
         println!(
@@ -1195,7 +1195,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         );
         println!("ppl  {:.2}", r.ppl);
         println!("mi   {:.3}", r.mi);
-        println!("au   {}/{}", r.au, model.vae.latent_dim);
+        println!("au   {}/{}", r.elbo.au, model.vae.latent_dim);
         println!(
             "reconstruction (greedy from the posterior mean): token accuracy {:.4}, exact match {:.4}, BLEU-4 {:.2}",
             r.rec_acc, r.rec_exact, r.rec_bleu

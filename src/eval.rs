@@ -258,22 +258,15 @@ pub fn perplexity(total_nll: f64, tokens: usize) -> f64 {
     (total_nll / tokens as f64).exp()
 }
 
-/// Everything `textvae eval` reports; the JSON keys are the field names.
+/// Everything `textvae eval` reports; the JSON keys are the field names (the ELBO pass's
+/// inline: `sentences`, `tokens`, `rec`, `kl`, `kl_normal`, `elbo`, `au`).
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct EvalReport {
-    pub sentences: usize,
-    pub tokens: usize,
-    pub rec: f64,
-    pub kl: f64,
-    /// KL to N(0, I), the rate `--target-kl` set (equal to `kl` unless the prior is a mixture).
-    pub kl_normal: f64,
-    /// The negative ELBO, rec + kl (`elbo` in JSON).
-    #[serde(rename = "elbo")]
-    pub neg_elbo: f64,
+    #[serde(flatten)]
+    pub elbo: ElboStats,
     pub nll: f64,
     pub ppl: f64,
     pub mi: f64,
-    pub au: usize,
     pub iw_samples: usize,
     /// The number format of the output layer's products in the NLL's samples: "f32" or "bf16".
     pub iw_precision: &'static str,
@@ -332,16 +325,10 @@ pub fn evaluate(
     let n = seqs.len().max(1) as f64;
     let nll = nll.double_value(&[]);
     Ok(EvalReport {
-        sentences: elbo.sentences,
-        tokens: elbo.tokens,
-        rec: elbo.rec,
-        kl: elbo.kl,
-        kl_normal: elbo.kl_normal,
-        neg_elbo: elbo.neg_elbo,
         nll: nll / n,
         ppl: perplexity(nll, elbo.tokens),
+        elbo,
         mi,
-        au: elbo.au,
         iw_samples: opts.iw_samples,
         iw_precision: crate::runtime::precision_name(opts.iw_kind),
         rec_acc: rec.token_accuracy,
