@@ -9,7 +9,8 @@
 #   bench/tatoeba.sh [MINUTES] [train flags...]     (MINUTES defaults to 10)
 #
 # TATOEBA (default corpora/tatoeba_eng.txt, the shared file's copy) is the corpus; IW_SAMPLES (default 50)
-# sets K; NAME (default tatoeba) prefixes the result files.
+# sets K; NAME (default tatoeba) prefixes the result files; TRAIN_EVERY=N (default 1) trains on every
+# Nth of the training lines only, against the same unseen ones (how reconstruction grows with data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 minutes="${1:-10}"
@@ -17,6 +18,7 @@ shift || true
 corpus="${TATOEBA:-corpora/tatoeba_eng.txt}"
 k="${IW_SAMPLES:-50}"
 name="${NAME:-tatoeba}"
+every="${TRAIN_EVERY:-1}"
 [ -f "$corpus" ] || { echo "bench/tatoeba.sh: $corpus not found (set TATOEBA)" >&2; exit 1; }
 scripts/setup
 bin=$PWD/target/release/textvae
@@ -24,7 +26,7 @@ stamp=$(date -u +%Y%m%dT%H%MZ)
 work="checkpoints/$name-bench-$stamp"
 mkdir -p "$work" bench/results
 # The corpus starts with a byte-order mark; the reader strips it.
-awk 'NR % 89' "$corpus" > "$work/train.txt"
+awk 'NR % 89' "$corpus" | awk -v n="$every" '(NR - 1) % n == 0' > "$work/train.txt"
 awk 'NR % 89 == 0' "$corpus" > "$work/unseen.txt"
 start=$(date +%s)
 $bin train "$work/train.txt" --out "$work/model" --max-minutes "$minutes" "$@"
@@ -53,9 +55,10 @@ else
   head -n 2 "$work/pairs.tsv" > "$work/examples.tsv"
 fi
 $bin interpolate --pairs "$work/examples.tsv" --steps 8 "${m[@]}" > "$work/interpolations.txt"
-python3 - "$work" "bench/results/$name-$stamp" "$minutes" "$train_secs" "$*" "$(basename "$corpus")" <<'PY'
+python3 - "$work" "bench/results/$name-$stamp" "$minutes" "$train_secs" "$*" "$(basename "$corpus")" "$every" <<'PY'
 import json, os, re, statistics, sys
-work, out, minutes, train_secs, extra, corpus = sys.argv[1:]
+work, out, minutes, train_secs, extra, corpus, every = sys.argv[1:]
+train_lines = sum(1 for l in open(os.path.join(work, "train.txt")) if l.strip())
 model = os.path.join(work, "model")
 t = json.load(open(os.path.join(work, "unseen.json")))
 state = json.load(open(os.path.join(model, "state.json")))
@@ -75,6 +78,7 @@ cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.start
 result = {
     "date": out.rsplit("-", 1)[-1], "corpus": corpus, "machine": f"{cpu}, {os.cpu_count()} cores",
     "budget_minutes": float(minutes), "train_seconds": int(train_secs), "train_flags": extra,
+    "train_lines": train_lines, "train_every": int(every),
     "steps": state["step"], "epochs": state["epoch"],
     "tokens_per_sec_median": statistics.median(speeds) if speeds else None,
     "unseen": t, "unseen_refined": refined, "interpolation_distinct_lines": distinct, "walks": walk_stats,
@@ -85,7 +89,8 @@ sample = "\n".join(f"| {a} | {b} |" for a, b in recs[::31])
 md = f"""# Reconstruction benchmark on {corpus}, {result['date']}
 
 Machine: {result['machine']}. `textvae train` {('`' + extra + '`') if extra else 'with no flags'}, {minutes} min
-({result['steps']} steps, {result['epochs']} epochs, median {result['tokens_per_sec_median']:.0f} tokens/s).
+({result['steps']} steps, {result['epochs']} epochs, median {result['tokens_per_sec_median']:.0f} tokens/s)
+on {train_lines} training lines{f' (one in {every} of the training split)' if every != '1' else ''}.
 {t['sentences']} unseen sentences (every 89th line of {corpus}):
 
 | NLL (IW, K={t['iw_samples']}) | KL (to N(0, I)) | MI | AU | rec | ELBO | token accuracy | exact match | BLEU-4 |
