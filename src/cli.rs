@@ -140,8 +140,9 @@ pub struct TrainArgs {
     /// the ELBO (a minimum desired rate, Pelsmaeker & Aziz 2020). More rate: better
     /// reconstruction and interpolation, at some cost in NLL (README: the rate table). What a
     /// rate keeps depends on how much a sentence says: 18 nats keep half the tokens of short
-    /// everyday English (held-out NLL 31 nats), 0.39 of Chinese (38), 0.28 of short Bible
-    /// sentences (46) [default: 18; 0 with --preset ptb].
+    /// everyday English (held-out NLL 31 nats), 0.39-0.41 of Chinese (38; 24 nats keep 0.445
+    /// there, README: choosing the rate on Chinese), 0.28 of short Bible sentences (46)
+    /// [default: 18; 0 with --preset ptb].
     #[arg(long)]
     pub target_kl: Option<f64>,
     /// Decoupled weight decay on the encoder's own weights (AdamW): each step takes lr times
