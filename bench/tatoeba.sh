@@ -20,6 +20,7 @@ k="${IW_SAMPLES:-50}"
 name="${NAME:-tatoeba}"
 every="${TRAIN_EVERY:-1}"
 [ -f "$corpus" ] || { echo "bench/tatoeba.sh: $corpus not found (set TATOEBA)" >&2; exit 1; }
+[[ "$every" =~ ^[1-9][0-9]*$ ]] || { echo "bench/tatoeba.sh: TRAIN_EVERY must be a whole number from 1" >&2; exit 1; }
 scripts/setup
 bin=$PWD/target/release/textvae
 stamp=$(date -u +%Y%m%dT%H%MZ)
