@@ -10,6 +10,8 @@
 //!                    learning rate
 //! metrics.jsonl      one JSON record per logging window and per epoch
 //! heldout.txt        the held-out validation sentences, when no --valid file was given
+//! characters.txt     the training sentences' characters of more than one byte, the only ones
+//!                    decoding may complete (checkpoints made before 2026-11-29 have none)
 //! ```
 //!
 //! Every file is written to a temporary name unique to the writer, synced and renamed into place
@@ -40,6 +42,7 @@ pub const METRICS: &str = "metrics.jsonl";
 /// Where `textvae plot` draws the curves of METRICS when not told otherwise.
 pub const CURVES: &str = "curves.png";
 pub const HELDOUT: &str = "heldout.txt";
+pub const CHARACTERS: &str = "characters.txt";
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 pub const LATEST: &str = "LATEST";
 
@@ -311,6 +314,8 @@ pub struct Loaded {
     pub vs: nn::VarStore,
     pub vae: Vae,
     pub tokenizer: TextTokenizer,
+    /// The training corpus's characters ([`CHARACTERS`]), when the checkpoint has them.
+    pub characters: Option<String>,
 }
 
 /// Checks that the files a checkpoint needs are there, naming the first one missing.
@@ -357,13 +362,26 @@ pub fn load_weights(dir: &Path, weights: &str, device: Device) -> Result<Loaded>
         prior_in(&tensors, &path, config.model.latent_dim, device)
     };
     vae.prior = read().with_context(|| format!("loading weights {}", path.display()))?;
+    let characters = read_characters(dir)?;
     Ok(Loaded {
         dir: dir.to_path_buf(),
         config,
         vs,
         vae,
         tokenizer,
+        characters,
     })
+}
+
+/// The checkpoint's [`CHARACTERS`], or None where it has no such file.
+fn read_characters(dir: &Path) -> Result<Option<String>> {
+    let path = dir.join(CHARACTERS);
+    if !path.exists() {
+        return Ok(None);
+    }
+    std::fs::read_to_string(&path)
+        .map(Some)
+        .with_context(|| format!("reading {}", path.display()))
 }
 
 /// A tokenizer matches a checkpoint when it is of the recorded kind and has the vocabulary size

@@ -553,7 +553,7 @@ impl DecodeArgs {
     /// The whole decoding recipe for `model`.
     pub fn decoding(&self, strategy: Strategy, model: &checkpoint::Loaded) -> Decoding {
         let d = Decoding::new(strategy, self.max_len.unwrap_or(model.config.train.max_len))
-            .for_tokenizer(&model.tokenizer);
+            .for_tokenizer(&model.tokenizer, model.characters.as_deref());
         Decoding {
             no_repeat_ngram: self.no_repeat_ngram.unwrap_or(d.no_repeat_ngram),
             ..d
@@ -1164,7 +1164,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         decoding: Decoding {
             no_repeat_ngram: a.no_repeat_ngram,
             ..Decoding::new(Strategy::Greedy, model.config.train.max_len)
-                .for_tokenizer(&model.tokenizer)
+                .for_tokenizer(&model.tokenizer, model.characters.as_deref())
         },
         decode_batch: sample::DECODE_BATCH,
     };

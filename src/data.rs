@@ -168,6 +168,17 @@ pub struct Encoded {
     pub skipped_empty: usize,
 }
 
+/// The characters of more than one byte in `lines`, each once, in code point order: what a
+/// byte-level decoder may complete (ASCII always may).
+pub fn characters(lines: &[String]) -> String {
+    let set: std::collections::BTreeSet<char> = lines
+        .iter()
+        .flat_map(|l| l.chars())
+        .filter(|c| c.len_utf8() > 1)
+        .collect();
+    set.into_iter().collect()
+}
+
 pub fn encode_lines(tok: &TextTokenizer, lines: &[String], max_len: usize) -> Result<Encoded> {
     let mut out = Encoded::default();
     tok.encode_each(lines, |_, ids| {
@@ -333,6 +344,13 @@ pub fn sorted_batches<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn characters_are_the_multibyte_ones_each_once_in_order() {
+        let lines = vec!["我们。Café".to_string(), "们我 naïve".to_string()];
+        assert_eq!(characters(&lines), "éï。们我");
+        assert_eq!(characters(&["plain".to_string()]), "");
+    }
 
     #[test]
     fn parse_skips_blank_lines_and_names_bad_utf8() {

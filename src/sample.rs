@@ -180,8 +180,8 @@ pub struct Decoding {
     /// Never repeat an n-gram of this size within a sentence (0 = off), as fairseq's and
     /// Hugging Face's `no_repeat_ngram_size`: the cure for greedy and beam loops.
     pub no_repeat_ngram: usize,
-    /// For a byte-level vocabulary: only tokens that keep the text valid UTF-8
-    /// ([`Decoding::for_tokenizer`] sets it).
+    /// For a byte-level vocabulary: only tokens that keep the text valid UTF-8, completing only
+    /// the training corpus's characters where they are known ([`Decoding::for_tokenizer`] sets it).
     pub utf8: Option<Arc<Utf8Guard>>,
 }
 
@@ -216,10 +216,11 @@ impl Decoding {
     }
 
     /// This decoding for `tok`'s vocabulary: with a byte-level one, never a token that would
-    /// break a character ([`Utf8Guard`]).
-    pub fn for_tokenizer(self, tok: &TextTokenizer) -> Self {
+    /// break a character or (given `chars`, the training corpus's characters) complete one the
+    /// corpus never had ([`Utf8Guard`]).
+    pub fn for_tokenizer(self, tok: &TextTokenizer, chars: Option<&str>) -> Self {
         Self {
-            utf8: Utf8Guard::new(tok).map(Arc::new),
+            utf8: Utf8Guard::new(tok, chars).map(Arc::new),
             ..self
         }
     }
@@ -247,8 +248,9 @@ pub fn repeated_ngram_bans(history: &[i64], n: usize) -> Vec<i64> {
 }
 
 /// Sets to -inf, in scores [R, V], every token that would make row r repeat an n-gram of
-/// `histories[r]`.
-fn ban_repeats(scores: Tensor, histories: &[Vec<i64>], n: usize) -> Tensor {
+/// `histories[r]`, for the rows `utf8` has between characters: inside one, the few tokens that
+/// finish it may all be banned, and a loop is stopped where the next character starts anyway.
+fn ban_repeats(scores: Tensor, histories: &[Vec<i64>], n: usize, utf8: &Utf8Rows) -> Tensor {
     if n == 0 {
         return scores;
     }
@@ -256,6 +258,7 @@ fn ban_repeats(scores: Tensor, histories: &[Vec<i64>], n: usize) -> Tensor {
     let flat: Vec<i64> = histories
         .iter()
         .enumerate()
+        .filter(|&(r, _)| utf8.between_characters(r))
         .flat_map(|(r, h)| {
             repeated_ngram_bans(h, n)
                 .into_iter()
@@ -309,7 +312,7 @@ fn sample_tokens(vae: &Vae, z: &Tensor, decoding: &Decoding) -> Result<Vec<Vec<i
             break;
         }
         let (logits, next_state) = vae.decoder.step(&tokens, &z, skip.as_ref(), &state);
-        let logits = utf8.restrict(ban_repeats(ban_specials(logits), &histories, n));
+        let logits = utf8.restrict(ban_repeats(ban_specials(logits), &histories, n, &utf8));
         let next = strategy.choose(&logits); // [A]
         let host: Vec<i64> = Vec::try_from(next.to_device(Device::Cpu))?;
         utf8.advance(&host);
@@ -382,7 +385,7 @@ fn beam_search(vae: &Vae, z: &Tensor, k: usize, decoding: &Decoding) -> Result<V
         let logp = utf8
             .restrict(ban_specials(logits))
             .log_softmax(-1, Kind::Float); // [L*K, V]
-        let logp = ban_repeats(logp, &histories, n);
+        let logp = ban_repeats(logp, &histories, n, &utf8);
         let v = logp.size()[1];
         let prev = Tensor::from_slice(&scores)
             .to_kind(Kind::Float)

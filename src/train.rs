@@ -89,6 +89,8 @@ pub fn default_out_dir(corpus: &Path) -> PathBuf {
 /// Training and validation sentences, tokenized.
 struct Prepared {
     tokenizer: TextTokenizer,
+    /// The characters of more than one byte in the training sentences ([`data::characters`]).
+    characters: String,
     /// The held-out sentences when they were split off the corpus (not given by --valid).
     heldout: Option<Vec<String>>,
     train: Encoded,
@@ -112,6 +114,7 @@ fn prepare(
     if corpus.blank_skipped > 0 {
         log(&format!("skipped {} blank lines", corpus.blank_skipped));
     }
+    let characters = data::characters(&train_lines);
     let tokenizer = match resume_tok {
         Some(t) => t,
         None => TextTokenizer::train(&req.tokenizer, &train_lines, req.vocab_size)?,
@@ -135,6 +138,7 @@ fn prepare(
     ensure!(!valid.seqs.is_empty(), "no usable validation sentences");
     Ok(Prepared {
         tokenizer,
+        characters,
         heldout,
         train,
         valid,
@@ -348,6 +352,7 @@ impl<'a> Trainer<'a> {
                 train: self.cfg.clone(),
             },
             heldout: self.prep.heldout.clone(),
+            characters: self.prep.characters.clone(),
         };
         if replacing {
             log(&format!(
@@ -677,6 +682,7 @@ impl<'a> Trainer<'a> {
             &self.vae,
             &self.prep.valid.seqs,
             &self.prep.tokenizer,
+            &self.prep.characters,
             cfg,
             self.req.device,
         )?;
@@ -1034,6 +1040,8 @@ struct NewModel {
     config: CheckpointConfig,
     /// The held-out sentences when they were split off the corpus.
     heldout: Option<Vec<String>>,
+    /// The training sentences' characters, which decoding may complete.
+    characters: String,
 }
 
 impl NewModel {
@@ -1047,6 +1055,7 @@ impl NewModel {
             ckpt::STATE,
             ckpt::HELDOUT,
             ckpt::METRICS,
+            ckpt::CHARACTERS,
         ] {
             let p = dir.join(old);
             if p.exists() {
@@ -1056,6 +1065,7 @@ impl NewModel {
         }
         ckpt::write_json(&dir.join(ckpt::CONFIG), &self.config)?;
         tokenizer.save(&dir.join(ckpt::TOKENIZER))?;
+        files::write_atomic(&dir.join(ckpt::CHARACTERS), self.characters.as_bytes())?;
         if let Some(lines) = &self.heldout {
             // Kept so that the model can be evaluated on exactly the sentences it never saw.
             files::write_atomic(
@@ -1167,6 +1177,7 @@ fn validate(
     vae: &Vae,
     seqs: &Sentences,
     tok: &TextTokenizer,
+    characters: &str,
     cfg: &TrainConfig,
     device: Device,
 ) -> Result<Validation> {
@@ -1187,7 +1198,8 @@ fn validate(
             iw_nll(vae, &some, NLL_SAMPLES, cfg.batch_size.max(64), device)
         }
     };
-    let decoding = Decoding::new(Strategy::Greedy, cfg.max_len).for_tokenizer(tok);
+    let decoding =
+        Decoding::new(Strategy::Greedy, cfg.max_len).for_tokenizer(tok, Some(characters));
     let some = seqs.spread(RECONSTRUCTED);
     let rec = reconstruction_score(vae, &some, &decoding, DECODE_BATCH, device)?;
     runtime::release_free_memory();

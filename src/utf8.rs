@@ -4,8 +4,12 @@
 //! shows U+FFFD ("我们上的沙�击在沙。"). Each sentence being decoded carries its place inside a
 //! character, the state of the automaton of well-formed UTF-8 (Unicode 15, Table 3-7), and only
 //! the tokens whose bytes continue it may come next; `</s>` and the other special tokens only
-//! between characters.
+//! between characters. Given the characters of the training corpus, the guard goes further and
+//! lets a character be completed only as one of them: byte pieces can otherwise spell characters
+//! the corpus never had (a Chinese model wrote 龗 and 缢 in 8% of its samples), and those states
+//! are the prefixes of the corpus's characters rather than UTF-8's eight.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use tch::{Device, Tensor};
@@ -13,15 +17,15 @@ use tch::{Device, Tensor};
 use crate::tokenizer::{TextTokenizer, SPECIALS};
 
 /// Between characters: where every sentence starts and must end.
-pub const START: u8 = 0;
-const STATES: usize = 8;
-const REJECT: u8 = u8::MAX;
+pub const START: u16 = 0;
+const UTF8_STATES: usize = 8;
+const REJECT: u16 = u16::MAX;
 
 /// The automaton of well-formed UTF-8: the state after byte `b` in state `s`, or REJECT. States:
 /// 0 between characters; 1 one continuation byte (80..BF) to go; 2 two to go; 3 after E0 (next
 /// A0..BF, no overlong form); 4 after ED (next 80..9F, no surrogate); 5 three to go; 6 after F0
 /// (next 90..BF); 7 after F4 (next 80..8F, nothing past U+10FFFF).
-fn after_byte(s: u8, b: u8) -> u8 {
+fn after_byte(s: u16, b: u8) -> u16 {
     match (s, b) {
         (0, 0x00..=0x7F) | (1, 0x80..=0xBF) => 0,
         (0, 0xC2..=0xDF) | (2, 0x80..=0xBF) | (3, 0xA0..=0xBF) | (4, 0x80..=0x9F) => 1,
@@ -37,36 +41,105 @@ fn after_byte(s: u8, b: u8) -> u8 {
     }
 }
 
+/// A byte automaton as a table: `next[s * 256 + b]`, and its number of states.
+struct ByteTable {
+    next: Vec<u16>,
+    states: usize,
+}
+
+impl ByteTable {
+    /// Well-formed UTF-8.
+    fn utf8() -> Self {
+        let next = (0..UTF8_STATES as u16)
+            .flat_map(|s| (0..=255u8).map(move |b| after_byte(s, b)))
+            .collect();
+        Self {
+            next,
+            states: UTF8_STATES,
+        }
+    }
+
+    /// ASCII, and the characters of `chars` of more than one byte: a state for each proper
+    /// prefix of their UTF-8 forms, START once one is complete.
+    fn characters(chars: &str) -> Self {
+        let mut ids: HashMap<&[u8], u16> = HashMap::from([(&[][..], START)]);
+        let mut prefixes: Vec<&[u8]> = vec![&[]];
+        let mut whole: Vec<&[u8]> = Vec::new();
+        for (i, c) in chars.char_indices() {
+            let bytes = &chars.as_bytes()[i..i + c.len_utf8()];
+            for k in 1..bytes.len() {
+                ids.entry(&bytes[..k]).or_insert_with(|| {
+                    prefixes.push(&bytes[..k]);
+                    (prefixes.len() - 1) as u16
+                });
+            }
+            whole.push(bytes);
+        }
+        let whole: HashSet<&[u8]> = whole.into_iter().collect();
+        let mut next = vec![REJECT; prefixes.len() * 256];
+        for (s, prefix) in prefixes.iter().enumerate() {
+            for b in 0..=255u8 {
+                let seq = [*prefix, &[b]].concat();
+                let ascii = prefix.is_empty() && b < 0x80;
+                next[s * 256 + b as usize] = if ascii || whole.contains(seq.as_slice()) {
+                    START
+                } else {
+                    ids.get(seq.as_slice()).copied().unwrap_or(REJECT)
+                };
+            }
+        }
+        Self {
+            next,
+            states: prefixes.len(),
+        }
+    }
+
+    fn after(&self, s: u16, b: u8) -> u16 {
+        self.next[s as usize * 256 + b as usize]
+    }
+}
+
 /// Which token may follow which state, for one byte-level vocabulary.
 #[derive(Clone, PartialEq)]
 pub struct Utf8Guard {
     /// `next[s * vocab + t]`: the state after token t in state s, or REJECT.
-    next: Vec<u8>,
+    next: Vec<u16>,
+    states: usize,
     vocab: usize,
 }
 
 impl fmt::Debug for Utf8Guard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Utf8Guard")
+            .field("states", &self.states)
             .field("vocab", &self.vocab)
             .finish()
     }
 }
 
+/// More prefixes than this (a corpus of several scripts' thousands of characters) and the mask
+/// of [states, V] grows past what a decoding should build: the guard keeps to UTF-8 then.
+const MAX_CHARACTER_STATES: usize = 1024;
+
 impl Utf8Guard {
-    /// The guard for `tok`'s vocabulary; None for a tokenizer whose tokens are whole strings.
-    pub fn new(tok: &TextTokenizer) -> Option<Self> {
-        Self::from_token_bytes(&tok.token_bytes()?)
+    /// The guard for `tok`'s vocabulary, completing only the characters of `chars` when given
+    /// (the training corpus's); None for a tokenizer whose tokens are whole strings.
+    pub fn new(tok: &TextTokenizer, chars: Option<&str>) -> Option<Self> {
+        Self::from_token_bytes(&tok.token_bytes()?, chars)
     }
 
     /// The guard for tokens spelled by `bytes` (by id; the special tokens are the first ids and
-    /// have no bytes). None when a state the tokens can reach inside a character has no token to
-    /// continue it (a vocabulary without its single bytes): the guard would leave a sentence no
-    /// way on.
-    pub fn from_token_bytes(bytes: &[Vec<u8>]) -> Option<Self> {
+    /// have no bytes), over `chars` as [`Self::new`]. None when a state the tokens can reach
+    /// inside a character has no token to continue it (a vocabulary without its single bytes):
+    /// the guard would leave a sentence no way on.
+    pub fn from_token_bytes(bytes: &[Vec<u8>], chars: Option<&str>) -> Option<Self> {
+        let table = chars
+            .map(ByteTable::characters)
+            .filter(|t| t.states <= MAX_CHARACTER_STATES)
+            .unwrap_or_else(ByteTable::utf8);
         let vocab = bytes.len();
-        let mut next = vec![REJECT; STATES * vocab];
-        for s in 0..STATES as u8 {
+        let mut next = vec![REJECT; table.states * vocab];
+        for s in 0..table.states as u16 {
             for (t, spelled) in bytes.iter().enumerate() {
                 next[s as usize * vocab + t] = if t < SPECIALS.len() || spelled.is_empty() {
                     if s == START {
@@ -77,12 +150,16 @@ impl Utf8Guard {
                 } else {
                     spelled
                         .iter()
-                        .try_fold(s, |s, &b| Some(after_byte(s, b)).filter(|&n| n != REJECT))
+                        .try_fold(s, |s, &b| Some(table.after(s, b)).filter(|&n| n != REJECT))
                         .unwrap_or(REJECT)
                 };
             }
         }
-        let guard = Self { next, vocab };
+        let guard = Self {
+            next,
+            states: table.states,
+            vocab,
+        };
         guard
             .reachable()
             .into_iter()
@@ -91,7 +168,7 @@ impl Utf8Guard {
     }
 
     /// The states some sequence of tokens leads to from START.
-    fn reachable(&self) -> Vec<u8> {
+    fn reachable(&self) -> Vec<u16> {
         let mut seen = vec![START];
         let mut i = 0;
         while i < seen.len() {
@@ -106,14 +183,14 @@ impl Utf8Guard {
         seen
     }
 
-    fn allows(&self, s: u8, t: i64) -> bool {
+    fn allows(&self, s: u16, t: i64) -> bool {
         self.next[s as usize * self.vocab + t as usize] != REJECT
     }
 
     /// The state after token `t` in state `s`. A token the guard forbids (only chosen when the
     /// repeat guard has banned every allowed one) starts afresh between characters: the text has
     /// a U+FFFD there, as it would without the guard.
-    pub fn after(&self, s: u8, t: i64) -> u8 {
+    pub fn after(&self, s: u16, t: i64) -> u16 {
         if (0..self.vocab as i64).contains(&t) && self.allows(s, t) {
             self.next[s as usize * self.vocab + t as usize]
         } else {
@@ -135,7 +212,7 @@ impl Utf8Guard {
         end
     }
 
-    /// [STATES, V] to add to a step's logits: 0 where the token may follow the state, -inf where not.
+    /// [S, V] to add to a step's logits: 0 where the token may follow the state, -inf where not.
     fn mask(&self, device: Device) -> Tensor {
         let mask: Vec<f32> = self
             .next
@@ -143,7 +220,7 @@ impl Utf8Guard {
             .map(|&n| if n == REJECT { f32::NEG_INFINITY } else { 0.0 })
             .collect();
         Tensor::from_slice(&mask)
-            .view([STATES as i64, self.vocab as i64]) // [S, V]
+            .view([self.states as i64, self.vocab as i64]) // [S, V]
             .to_device(device)
     }
 }
@@ -152,7 +229,7 @@ impl Utf8Guard {
 /// every call is a no-op, so decoders need no second path.
 pub struct Utf8Rows<'a> {
     guard: Option<(&'a Utf8Guard, Tensor)>,
-    states: Vec<u8>,
+    states: Vec<u16>,
 }
 
 impl<'a> Utf8Rows<'a> {
@@ -202,6 +279,11 @@ impl<'a> Utf8Rows<'a> {
         sentences
     }
 
+    /// Whether row `r` is between characters (always, with no guard).
+    pub fn between_characters(&self, r: usize) -> bool {
+        self.guard.is_none() || self.states[r] == START
+    }
+
     /// Keeps the rows `keep` (indices of the current rows), in that order.
     pub fn keep(&mut self, keep: &[i64]) {
         self.states = keep.iter().map(|&j| self.states[j as usize]).collect();
@@ -231,13 +313,13 @@ mod tests {
         v
     }
 
-    fn allowed(g: &Utf8Guard, s: u8) -> Vec<i64> {
+    fn allowed(g: &Utf8Guard, s: u16) -> Vec<i64> {
         (0..g.vocab as i64).filter(|&t| g.allows(s, t)).collect()
     }
 
     #[test]
     fn between_characters_only_whole_starts_and_specials_may_come() {
-        let g = Utf8Guard::from_token_bytes(&toy()).unwrap();
+        let g = Utf8Guard::from_token_bytes(&toy(), None).unwrap();
         // Not the lone continuation (8), not 88 91 (6), not the overlong form (12).
         assert_eq!(allowed(&g, START), vec![0, 1, 2, 3, 4, 5, 7, 9, 10, 11]);
         let mid = g.after(START, 5); // after E6: two continuation bytes to go
@@ -259,6 +341,22 @@ mod tests {
         assert_eq!(g.whole(&[4, 5, 6, 4, 5]), 4, "the cut 我 is dropped");
         assert_eq!(g.whole(&[4, 5, 8, 8]), 4);
         assert_eq!(g.whole(&[5]), 0);
+    }
+
+    #[test]
+    fn with_a_character_set_only_its_characters_are_completed() {
+        // 我 and 。 are the corpus's; é is not, nor anything else that starts with E6.
+        let g = Utf8Guard::from_token_bytes(&toy(), Some("。我")).unwrap();
+        assert_eq!(allowed(&g, START), vec![0, 1, 2, 3, 4, 5, 7, 9]);
+        let mid = g.after(START, 5); // after E6
+        assert_eq!(
+            allowed(&g, mid),
+            vec![6],
+            "88 91 finishes 我; 80 would start another"
+        );
+        assert_eq!(g.after(mid, 6), START);
+        // One state between characters, E6, E6 88, E3 and E3 80.
+        assert_eq!(g.states, 5);
     }
 
     #[test]
@@ -291,12 +389,12 @@ mod tests {
     fn a_vocabulary_that_cannot_finish_a_character_gets_no_guard() {
         let mut v = vec![Vec::new(); SPECIALS.len()];
         v.extend([b"a".to_vec(), vec![0xE6]]);
-        assert!(Utf8Guard::from_token_bytes(&v).is_none());
+        assert!(Utf8Guard::from_token_bytes(&v, None).is_none());
     }
 
     #[test]
     fn rows_mask_their_logits_and_follow_their_tokens() {
-        let g = Utf8Guard::from_token_bytes(&toy()).unwrap();
+        let g = Utf8Guard::from_token_bytes(&toy(), None).unwrap();
         let mut rows = Utf8Rows::new(Some(&g), 2, Device::Cpu);
         rows.advance(&[5, 4]); // row 0 mid-character, row 1 between
         let masked = rows.restrict(Tensor::zeros([2, 13], (Kind::Float, Device::Cpu)));

@@ -39,9 +39,12 @@ fn check_checkpoint_files(root: &Path, ckpt: &Path) {
         "state.json",
         "metrics.jsonl",
         "heldout.txt",
+        "characters.txt",
     ] {
         assert!(ckpt.join(f).is_file(), "{f} missing");
     }
+    let chars = read(&ckpt.join("characters.txt"));
+    assert!(chars.chars().all(|c| c.len_utf8() > 1), "{chars:?}");
     // The held-out sentences are the ones validation used: none of them is trained on.
     let heldout = read(&ckpt.join("heldout.txt"));
     assert!(!heldout.trim().is_empty());

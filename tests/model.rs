@@ -568,7 +568,7 @@ fn decoding_for_a_byte_level_tokenizer_writes_only_whole_characters() {
     for strategy in [Strategy::Greedy, Strategy::Beam { width: 3 }, sampled] {
         let decoding = Decoding::new(strategy, 20);
         assert_eq!(
-            broken(&decoding.clone().for_tokenizer(&tok)),
+            broken(&decoding.clone().for_tokenizer(&tok, None)),
             0,
             "{strategy:?}"
         );
@@ -578,5 +578,25 @@ fn decoding_for_a_byte_level_tokenizer_writes_only_whole_characters() {
     assert!(
         free > 10,
         "only {free} of 64 broken: the test would prove little"
+    );
+    // Given the corpus's characters, it writes no other: whole characters the byte pieces could
+    // spell (the guard without them lets any through) are not the corpus's.
+    let chars = textvae::data::characters(&lines);
+    let foreign = |decoding: &Decoding| {
+        textvae::sample::decode_texts(&vae, &tok, &z, decoding, 64)
+            .unwrap()
+            .iter()
+            .flat_map(|s| s.chars().collect::<Vec<_>>())
+            .filter(|c| !c.is_ascii() && !chars.contains(*c))
+            .count()
+    };
+    for strategy in [Strategy::Greedy, Strategy::Beam { width: 3 }, sampled] {
+        let decoding = Decoding::new(strategy, 20).for_tokenizer(&tok, Some(&chars));
+        assert_eq!(foreign(&decoding), 0, "{strategy:?}");
+    }
+    let any = foreign(&Decoding::new(sampled, 20).for_tokenizer(&tok, None));
+    assert!(
+        any > 10,
+        "only {any} foreign characters without the set: the test would prove little"
     );
 }
