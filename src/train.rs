@@ -306,6 +306,12 @@ impl<'a> Trainer<'a> {
             config.train = self.cfg.clone();
             ckpt::write_json(&self.dir.join(ckpt::CONFIG), &config)?;
         }
+        let characters = self.dir.join(ckpt::CHARACTERS);
+        if !characters.exists() {
+            // A run started before checkpoints kept their characters: its corpus is the one
+            // checked above, so its characters are these.
+            files::write_atomic(&characters, self.prep.characters.as_bytes())?;
+        }
         let exact = self.opt.load_state(&point.tensors)?;
         if let Some(average) = &mut self.average {
             if !average.load_state(&point.tensors)? {

@@ -340,8 +340,13 @@ fn resume_continues_and_existing_models_are_not_overwritten() {
     let dir = tempfile::tempdir().unwrap();
     train_tiny(dir.path(), &["--epochs", "1", "--out", "m"]).ok();
     train_tiny(dir.path(), &["--epochs", "1", "--out", "m"]).fails_with("already holds a model");
+    // A checkpoint made before characters.txt existed gets it when resumed.
+    let chars_path = dir.path().join("m/characters.txt");
+    let chars = read(&chars_path);
+    std::fs::remove_file(&chars_path).unwrap();
     let resumed = train_tiny(dir.path(), &["--epochs", "2", "--out", "m", "--resume"]);
     resumed.ok();
+    assert_eq!(read(&chars_path), chars);
     assert!(resumed.stderr.contains("resuming"), "{}", resumed.stderr);
     let state: serde_json::Value =
         serde_json::from_str(&read(&dir.path().join("m/state.json"))).unwrap();
