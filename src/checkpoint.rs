@@ -31,6 +31,7 @@ use crate::config::{ModelConfig, TrainConfig};
 use crate::files::{write_atomic, write_atomic_with};
 use crate::model::Vae;
 use crate::prior::Prior;
+use crate::sample::{Decoding, Strategy};
 use crate::tokenizer::TextTokenizer;
 
 pub const CONFIG: &str = "config.json";
@@ -316,6 +317,14 @@ pub struct Loaded {
     pub tokenizer: TextTokenizer,
     /// The training corpus's characters ([`CHARACTERS`]), when the checkpoint has them.
     pub characters: Option<String>,
+}
+
+impl Loaded {
+    /// `strategy`, at most `max_len` tokens a sentence, guarded for this model's tokenizer and
+    /// (where the checkpoint has them) its corpus's characters.
+    pub fn decoding(&self, strategy: Strategy, max_len: usize) -> Decoding {
+        Decoding::new(strategy, max_len).for_tokenizer(&self.tokenizer, self.characters.as_deref())
+    }
 }
 
 /// Checks that the files a checkpoint needs are there, naming the first one missing.

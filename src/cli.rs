@@ -552,8 +552,7 @@ impl DecodeArgs {
 
     /// The whole decoding recipe for `model`.
     pub fn decoding(&self, strategy: Strategy, model: &checkpoint::Loaded) -> Decoding {
-        let d = Decoding::new(strategy, self.max_len.unwrap_or(model.config.train.max_len))
-            .for_tokenizer(&model.tokenizer, model.characters.as_deref());
+        let d = model.decoding(strategy, self.max_len.unwrap_or(model.config.train.max_len));
         Decoding {
             no_repeat_ngram: self.no_repeat_ngram.unwrap_or(d.no_repeat_ngram),
             ..d
@@ -1163,8 +1162,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         batch_size: a.batch_size,
         decoding: Decoding {
             no_repeat_ngram: a.no_repeat_ngram,
-            ..Decoding::new(Strategy::Greedy, model.config.train.max_len)
-                .for_tokenizer(&model.tokenizer, model.characters.as_deref())
+            ..model.decoding(Strategy::Greedy, model.config.train.max_len)
         },
         decode_batch: sample::DECODE_BATCH,
     };

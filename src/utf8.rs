@@ -9,7 +9,7 @@
 //! the corpus never had (a Chinese model wrote 龗 and 缢 in 8% of its samples), and those states
 //! are the prefixes of the corpus's characters rather than UTF-8's eight.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 
 use tch::{Device, Tensor};
@@ -60,37 +60,31 @@ impl ByteTable {
     }
 
     /// ASCII, and the characters of `chars` of more than one byte: a state for each proper
-    /// prefix of their UTF-8 forms, START once one is complete.
+    /// prefix of their UTF-8 forms (a trie, laid out as the table), START once one is complete.
     fn characters(chars: &str) -> Self {
         let mut ids: HashMap<&[u8], u16> = HashMap::from([(&[][..], START)]);
-        let mut prefixes: Vec<&[u8]> = vec![&[]];
-        let mut whole: Vec<&[u8]> = Vec::new();
+        let mut next = vec![REJECT; 256];
+        next[..0x80].fill(START);
         for (i, c) in chars.char_indices() {
             let bytes = &chars.as_bytes()[i..i + c.len_utf8()];
-            for k in 1..bytes.len() {
-                ids.entry(&bytes[..k]).or_insert_with(|| {
-                    prefixes.push(&bytes[..k]);
-                    (prefixes.len() - 1) as u16
-                });
-            }
-            whole.push(bytes);
-        }
-        let whole: HashSet<&[u8]> = whole.into_iter().collect();
-        let mut next = vec![REJECT; prefixes.len() * 256];
-        for (s, prefix) in prefixes.iter().enumerate() {
-            for b in 0..=255u8 {
-                let seq = [*prefix, &[b]].concat();
-                let ascii = prefix.is_empty() && b < 0x80;
-                next[s * 256 + b as usize] = if ascii || whole.contains(seq.as_slice()) {
+            for k in 0..bytes.len() {
+                let from = ids[&bytes[..k]] as usize;
+                let to = if k + 1 == bytes.len() {
                     START
                 } else {
-                    ids.get(seq.as_slice()).copied().unwrap_or(REJECT)
+                    let fresh = ids.len() as u16;
+                    let id = *ids.entry(&bytes[..=k]).or_insert(fresh);
+                    if id == fresh {
+                        next.extend([REJECT; 256]);
+                    }
+                    id
                 };
+                next[from * 256 + bytes[k] as usize] = to;
             }
         }
         Self {
             next,
-            states: prefixes.len(),
+            states: ids.len(),
         }
     }
 
