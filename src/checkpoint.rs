@@ -325,6 +325,16 @@ impl Loaded {
     pub fn decoding(&self, strategy: Strategy, max_len: usize) -> Decoding {
         Decoding::new(strategy, max_len).for_tokenizer(&self.tokenizer, self.characters.as_deref())
     }
+
+    /// Codes z [N, Z] decoded `batch_size` at a time into sentences, one per row.
+    pub fn decode(
+        &self,
+        z: &Tensor,
+        decoding: &Decoding,
+        batch_size: usize,
+    ) -> Result<Vec<String>> {
+        crate::sample::decode_texts(&self.vae, &self.tokenizer, z, decoding, batch_size)
+    }
 }
 
 /// Checks that the files a checkpoint needs are there, naming the first one missing.

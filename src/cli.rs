@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::checkpoint;
+use crate::codes::{self, EncodeFormat, Field};
 use crate::config::{
     DropoutMask, KlSchedule, LrSchedule, ModelConfig, Precision, Preset, Recipe, Selection,
     TrainConfig,
@@ -27,7 +28,7 @@ use crate::sample::{self, Decoding, GenerateOptions, Strategy};
 use crate::tokenizer::{TextTokenizer, TokenizerSpec};
 use crate::train::{self, StopReason, TrainRequest};
 use serde_json::json;
-use tch::{Device, Tensor};
+use tch::Device;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -52,6 +53,8 @@ pub enum Command {
     Interpolate(InterpolateArgs),
     /// Write each sentence's posterior mean and log-variance, for use elsewhere.
     Encode(EncodeArgs),
+    /// Decode latent codes into sentences: encode's output, or vectors of your own.
+    Decode(DecodeCodesArgs),
     /// Evaluate a model on sentences: ELBO, importance-weighted NLL, perplexity, MI, active units.
     Eval(EvalArgs),
     /// Fit a model's prior to sentences' posteriors (training does this when it ends), or set it
@@ -631,13 +634,6 @@ pub struct InterpolateArgs {
     pub decode: DecodeArgs,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum EncodeFormat {
-    Jsonl,
-    Tsv,
-    Npy,
-}
-
 #[derive(clap::Args, Debug)]
 pub struct EncodeArgs {
     /// Sentences, one per line; `-` or nothing reads standard input.
@@ -660,6 +656,22 @@ pub struct EncodeArgs {
     pub refine: usize,
     #[command(flatten)]
     pub model: ModelArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DecodeCodesArgs {
+    /// Codes, one per sentence to decode: an `.npy` float array [N, Z] or encode's [N, 2 or 3,
+    /// Z]; or text, one code per line — encode's jsonl or tsv, a JSON array, or the numbers
+    /// separated by spaces or commas (blank lines are skipped). `-` or nothing reads standard
+    /// input. Sentences come out in the same order, one per line.
+    pub input: Option<PathBuf>,
+    /// Which of encode's vectors to decode; a bare vector is decoded as it is.
+    #[arg(long, value_enum, default_value = "mu")]
+    pub field: Field,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub decode: DecodeArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -739,6 +751,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Command::Reconstruct(a) => run_reconstruct(a),
         Command::Interpolate(a) => run_interpolate(a),
         Command::Encode(a) => run_encode(a),
+        Command::Decode(a) => run_decode(a),
         Command::Eval(a) => run_eval(a),
         Command::Plot(a) => run_plot(a),
         Command::FitPrior(a) => run_fit_prior(a),
@@ -935,13 +948,7 @@ fn run_interpolate(a: InterpolateArgs) -> Result<()> {
             points.extend(latent::path(za, zb, decoded, a.method)?);
         }
         let z = latent::to_tensor(&points, device);
-        let texts = sample::decode_texts(
-            &model.vae,
-            &model.tokenizer,
-            &z,
-            &decoding,
-            a.decode.batch_size,
-        )?;
+        let texts = model.decode(&z, &decoding, a.decode.batch_size)?;
         for (i, walk) in texts.chunks(decoded + 2).enumerate() {
             if g + i > 0 {
                 writeln!(out)?;
@@ -1074,9 +1081,9 @@ fn run_encode(a: EncodeArgs) -> Result<()> {
     let mut codes = vec![mu, logvar];
     codes.extend(z);
     if let (EncodeFormat::Npy, Some(path)) = (a.format, &a.output) {
-        return write_codes_npy(path, &codes, model.vae.latent_dim);
+        return codes::write_npy(path, &codes, model.vae.latent_dim);
     }
-    let text = codes_text(&corpus, &codes, a.format)?;
+    let text = codes::to_text(&corpus, &codes, a.format)?;
     match &a.output {
         Some(path) => crate::files::write_atomic(path, text.as_bytes()),
         None => std::io::stdout()
@@ -1086,53 +1093,19 @@ fn run_encode(a: EncodeArgs) -> Result<()> {
     }
 }
 
-/// `codes` (mu, logvar and perhaps the refined z, each [N, Z]) as one float32 array [N, 2 or 3,
-/// Z], written whole or not at all.
-fn write_codes_npy(path: &Path, codes: &[Tensor], latent_dim: i64) -> Result<()> {
-    let all = Tensor::stack(codes, 1); // [N, 2 or 3, Z]
-    let tmp = path.with_extension("tmp.npy");
-    all.write_npy(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    let size = all.size();
-    eprintln!(
-        "{}: {} sentences x {} x {latent_dim}",
-        path.display(),
-        size[0],
-        size[1]
-    );
-    Ok(())
-}
-
-/// One line per sentence: a JSON object with "mu", "logvar" (and "z" when refined), or the
-/// text and the vectors as tab-separated columns of space-separated numbers.
-fn codes_text(corpus: &Corpus, codes: &[Tensor], format: EncodeFormat) -> Result<String> {
-    let rows = codes.iter().map(latent::rows).collect::<Result<Vec<_>>>()?;
-    let join = |v: &[f64]| {
-        v.iter()
-            .map(|x| format!("{x:.6}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let mut text = String::new();
-    for (i, line) in corpus.lines.iter().enumerate() {
-        if let EncodeFormat::Jsonl = format {
-            let mut obj = json!({"line": corpus.line_numbers[i], "text": line,
-                "mu": rows[0][i], "logvar": rows[1][i]});
-            if let Some(z) = rows.get(2) {
-                obj["z"] = json!(z[i]);
-            }
-            text.push_str(&format!("{obj}\n"));
-        } else {
-            let columns: Vec<String> = rows.iter().map(|r| join(&r[i])).collect();
-            text.push_str(&format!(
-                "{}\t{}\n",
-                line.replace('\t', " "),
-                columns.join("\t")
-            ));
-        }
+/// Greedy by default, as `reconstruct`: the codes' own sentences rather than samples near them.
+fn run_decode(a: DecodeCodesArgs) -> Result<()> {
+    let strategy = a.decode.strategy(false)?;
+    a.decode.validate()?;
+    let (model, device) = a.model.load()?;
+    let z = codes::read(a.input.as_deref(), a.field, model.vae.latent_dim, device)?; // [N, Z]
+    let decoding = a.decode.decoding(strategy, &model);
+    let texts = model.decode(&z, &decoding, a.decode.batch_size)?;
+    let mut out = std::io::stdout().lock();
+    for text in texts {
+        writeln!(out, "{text}").context("writing to stdout")?;
     }
-    Ok(text)
+    Ok(())
 }
 
 fn run_eval(a: EvalArgs) -> Result<()> {

@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod codes;
 pub mod config;
 pub mod data;
 pub mod eval;

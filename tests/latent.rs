@@ -249,6 +249,58 @@ fn encode_gives_one_vector_of_the_latent_size_per_input() {
     assert!((t.double_value(&[0, 0, 0]) - first[0]).abs() < 1e-5);
 }
 
+/// `decode` turns encode's codes, in each of its formats, back into what `reconstruct` writes
+/// for the same sentences; vectors made elsewhere decode too, and bad ones are refused by line.
+#[test]
+fn decode_turns_codes_back_into_sentences() {
+    let corpus = common::tiny_corpus();
+    let c = corpus.to_str().unwrap();
+    let reconstructed: String = run(&["reconstruct", c], None)
+        .ok()
+        .stdout
+        .lines()
+        .map(|l| format!("{}\n", l.split_once('\t').unwrap().1))
+        .collect();
+    let (dir, _) = model();
+    let npy = dir.path().join("codes.npy");
+    let n = npy.to_str().unwrap();
+    run(
+        &["encode", c, "--format", "npy", "-o", n, "--refine", "5"],
+        None,
+    )
+    .ok();
+    assert_eq!(run(&["decode", n], None).ok().stdout, reconstructed);
+    let refined = run(&["decode", n, "--field", "z"], None);
+    assert_eq!(refined.ok().stdout.lines().count(), 20);
+    for format in ["jsonl", "tsv"] {
+        let codes = run(&["encode", c, "--format", format], None);
+        let decoded = run(&["decode"], Some(&codes.ok().stdout));
+        assert_eq!(decoded.ok().stdout, reconstructed, "{format}");
+    }
+
+    // A code of one's own: the mean of the first two sentences' codes, as plain numbers.
+    let rows = json_lines(run(&["encode", c], None));
+    let mean: Vec<String> = (0..8)
+        .map(|i| {
+            let x = |r: usize| rows[r]["mu"][i].as_f64().unwrap();
+            format!("{}", (x(0) + x(1)) / 2.0)
+        })
+        .collect();
+    let out = run(&["decode", "-"], Some(&format!("\n{}\n", mean.join(", "))));
+    assert_eq!(out.ok().stdout.lines().count(), 1);
+
+    let short = run(&["decode"], Some("0 0 0 0 0 0 0 0\n1 2 3\n"));
+    short.fails_with("a code of 3 numbers, but the model's z has 8");
+    assert!(short.stderr.contains("line 2"), "{}", short.stderr);
+    run(&["decode", "--field", "z"], Some(&rows_text(&rows[..1])))
+        .fails_with("no \"z\" field (encode --refine writes it)");
+    run(&["decode"], Some("\n")).fails_with("no codes");
+}
+
+fn rows_text(rows: &[serde_json::Value]) -> String {
+    rows.iter().map(|r| format!("{r}\n")).collect()
+}
+
 #[test]
 fn decoding_with_a_fixed_seed_is_repeatable() {
     let args = [
