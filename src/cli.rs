@@ -740,6 +740,17 @@ pub struct InfoArgs {
 }
 
 /// Runs one subcommand; a libtorch error (out of memory, say) comes back as an error.
+/// Whether `err` comes from writing to a reader that has gone (`textvae generate | head -3`):
+/// the reader has what it wanted, so `main` ends quietly, as the other producers of a
+/// pipeline do, rather than printing an error nobody asked about.
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     runtime::catch_torch(|| dispatch(cli))
 }

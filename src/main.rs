@@ -17,6 +17,9 @@ fn main() {
     textvae::runtime::install_panic_hook();
     textvae::runtime::tune_allocator();
     if let Err(err) = textvae::cli::run(cli) {
+        if textvae::cli::is_broken_pipe(&err) {
+            return;
+        }
         eprintln!("error: {err}");
         for cause in err.chain().skip(1) {
             eprintln!("  caused by: {cause}");

@@ -301,6 +301,39 @@ fn rows_text(rows: &[serde_json::Value]) -> String {
     rows.iter().map(|r| format!("{r}\n")).collect()
 }
 
+/// `textvae generate | head -1`: when the reader stops, the command stops too, quietly and
+/// with success, as the other producers of a pipeline do.
+#[test]
+fn a_reader_that_stops_early_ends_the_command_quietly() {
+    use std::io::BufRead;
+    let (dir, ckpt) = model();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_textvae"))
+        .args([
+            "generate",
+            "-n",
+            "1000000",
+            "--batch-size",
+            "16",
+            "--seed",
+            "1",
+        ])
+        .args(["--threads", "1", "--checkpoint", ckpt.to_str().unwrap()])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(!first.trim().is_empty());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("error"), "{stderr}");
+}
+
 #[test]
 fn decoding_with_a_fixed_seed_is_repeatable() {
     let args = [
