@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 use serde_json::{json, Value};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::data::Corpus;
 use crate::latent;
@@ -130,13 +130,8 @@ pub fn read(path: Option<&Path>, field: Field, latent_dim: i64, device: Device) 
 
 /// An npy array of floats: [N, Z], or `encode`'s [N, 2 or 3, Z] from which `field` is taken.
 fn read_npy(path: &Path, field: Field, latent_dim: i64) -> Result<Tensor> {
-    let t = Tensor::read_npy(path).with_context(|| format!("reading {}", path.display()))?;
+    let t = npy_floats(path)?;
     let ctx = || format!("{}: shape {:?}", path.display(), t.size());
-    anyhow::ensure!(
-        t.is_floating_point(),
-        "{}: expected floating-point numbers",
-        ctx()
-    );
     let z = match t.size().as_slice() {
         [_, _] => t.shallow_clone(),
         [_, k, _] if *k == 2 || *k == 3 => {
@@ -156,13 +151,49 @@ fn read_npy(path: &Path, field: Field, latent_dim: i64) -> Result<Tensor> {
         "{}: codes of {width} numbers, but the model's z has {latent_dim}",
         ctx()
     );
-    let z = z.to_kind(Kind::Float);
     anyhow::ensure!(
         z.isfinite().all().int64_value(&[]) != 0,
         "{}: a code holds NaN or an infinity",
         ctx()
     );
-    Ok(z)
+    Ok(z.contiguous())
+}
+
+/// An npy file of float32 or float64 numbers, in either byte or axis order, as a float32 tensor
+/// of its shape. Read through `npyz`, which checks the data against the header (libtorch's own
+/// reader trusts the header's shape and reads past the end of a short file).
+fn npy_floats(path: &Path) -> Result<Tensor> {
+    let ctx = || format!("reading {}", path.display());
+    let file = std::fs::File::open(path).with_context(ctx)?;
+    let npy = npyz::NpyFile::new(std::io::BufReader::new(file)).with_context(ctx)?;
+    let shape: Vec<i64> = npy.shape().iter().map(|&d| d as i64).collect();
+    let fortran = npy.order() == npyz::Order::Fortran;
+    let descr = npy.dtype().descr();
+    let data_ctx = || format!("{}: fewer numbers than its shape {shape:?}", ctx());
+    let floats: Vec<f32> = match npy.try_data::<f32>() {
+        Ok(data) => data
+            .collect::<std::io::Result<_>>()
+            .with_context(data_ctx)?,
+        Err(npy) => match npy.try_data::<f64>() {
+            Ok(data) => data
+                .map(|x| x.map(|x| x as f32))
+                .collect::<std::io::Result<_>>()
+                .with_context(data_ctx)?,
+            Err(_) => anyhow::bail!(
+                "{}: numbers of type {descr}; decode reads float32 or float64",
+                path.display()
+            ),
+        },
+    };
+    let t = Tensor::from_slice(&floats);
+    Ok(if fortran {
+        // Stored with the first axis fastest: the reversed shape in C order, transposed back.
+        let reversed: Vec<i64> = shape.iter().rev().copied().collect();
+        let dims: Vec<i64> = (0..shape.len() as i64).rev().collect();
+        t.view(reversed.as_slice()).permute(dims.as_slice())
+    } else {
+        t.view(shape.as_slice())
+    })
 }
 
 /// One code per non-blank line (blank lines are skipped): [N, Z].

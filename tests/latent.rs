@@ -295,6 +295,56 @@ fn decode_turns_codes_back_into_sentences() {
     run(&["decode", "--field", "z"], Some(&rows_text(&rows[..1])))
         .fails_with("no \"z\" field (encode --refine writes it)");
     run(&["decode"], Some("\n")).fails_with("no codes");
+
+    // npy as numpy writes it: float64, big-endian, Fortran order — the same codes, the same
+    // sentences; a file shorter than its header says is refused, not read past its end.
+    let mu: Vec<f64> = rows[..3]
+        .iter()
+        .flat_map(|r| {
+            r["mu"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+        })
+        .collect();
+    let column_major: Vec<f64> = (0..8)
+        .flat_map(|j| (0..3).map(move |i| (i, j)))
+        .map(|(i, j)| mu[i * 8 + j])
+        .collect();
+    let be: Vec<u8> = column_major.iter().flat_map(|x| x.to_be_bytes()).collect();
+    let fortran = dir.path().join("fortran.npy");
+    std::fs::write(&fortran, npy_bytes(">f8", "(3, 8)", true, &be)).unwrap();
+    let first3: String = reconstructed
+        .lines()
+        .take(3)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(
+        run(&["decode", fortran.to_str().unwrap()], None)
+            .ok()
+            .stdout,
+        first3
+    );
+    let short = dir.path().join("short.npy");
+    std::fs::write(&short, npy_bytes("<f4", "(1000000000, 8)", false, &[0; 40])).unwrap();
+    run(&["decode", short.to_str().unwrap()], None).fails_with("fewer numbers than its shape");
+}
+
+/// An npy file: the magic string, version 1.0, the header padded to 64 bytes, the data.
+fn npy_bytes(descr: &str, shape: &str, fortran: bool, data: &[u8]) -> Vec<u8> {
+    let order = if fortran { "True" } else { "False" };
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': {order}, 'shape': {shape}, }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
 }
 
 fn rows_text(rows: &[serde_json::Value]) -> String {
