@@ -166,7 +166,12 @@ fn npy_floats(path: &Path) -> Result<Tensor> {
     let ctx = || format!("reading {}", path.display());
     let file = std::fs::File::open(path).with_context(ctx)?;
     let npy = npyz::NpyFile::new(std::io::BufReader::new(file)).with_context(ctx)?;
-    let shape: Vec<i64> = npy.shape().iter().map(|&d| d as i64).collect();
+    let shape = npy
+        .shape()
+        .iter()
+        .map(|&d| i64::try_from(d))
+        .collect::<Result<Vec<i64>, _>>()
+        .with_context(|| format!("{}: shape {:?} out of range", ctx(), npy.shape()))?;
     let fortran = npy.order() == npyz::Order::Fortran;
     let descr = npy.dtype().descr();
     let data_ctx = || format!("{}: fewer numbers than its shape {shape:?}", ctx());
@@ -186,14 +191,16 @@ fn npy_floats(path: &Path) -> Result<Tensor> {
         },
     };
     let t = Tensor::from_slice(&floats);
-    Ok(if fortran {
+    let shaped = if fortran {
         // Stored with the first axis fastest: the reversed shape in C order, transposed back.
         let reversed: Vec<i64> = shape.iter().rev().copied().collect();
         let dims: Vec<i64> = (0..shape.len() as i64).rev().collect();
-        t.view(reversed.as_slice()).permute(dims.as_slice())
+        t.f_view(reversed.as_slice())
+            .and_then(|t| t.f_permute(dims.as_slice()))
     } else {
-        t.view(shape.as_slice())
-    })
+        t.f_view(shape.as_slice())
+    };
+    shaped.with_context(|| format!("{}: shape {shape:?}", ctx()))
 }
 
 /// One code per non-blank line (blank lines are skipped): [N, Z].
