@@ -660,10 +660,11 @@ pub struct EncodeArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct DecodeCodesArgs {
-    /// Codes, one per sentence to decode: an `.npy` float array [N, Z] or encode's [N, 2 or 3,
-    /// Z]; or text, one code per line — encode's jsonl or tsv, a JSON array, or the numbers
-    /// separated by spaces or commas (blank lines are skipped). `-` or nothing reads standard
-    /// input. Sentences come out in the same order, one per line.
+    /// Codes, one per sentence to decode: an npy float array [N, Z] or encode's [N, 2 or 3, Z]
+    /// (known by its content, whatever the file's name); or text, one code per line — encode's
+    /// jsonl or tsv, a JSON array, or the numbers separated by spaces or commas (blank lines are
+    /// skipped). `-` or nothing reads standard input. Sentences come out in the same order, one
+    /// per line.
     pub input: Option<PathBuf>,
     /// Which of encode's vectors to decode; a bare vector is decoded as it is.
     #[arg(long, value_enum, default_value = "mu")]

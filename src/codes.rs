@@ -105,33 +105,40 @@ pub fn to_text(corpus: &Corpus, codes: &[Tensor], format: EncodeFormat) -> Resul
     Ok(text)
 }
 
-/// Codes to decode, [N, Z] float32 on `device`: an `.npy` file, or text (a file, or standard
-/// input for `-` or none), one code per line.
+/// Codes to decode, [N, Z] float32 on `device`, from a file (or standard input for `-` or
+/// none): npy, known by its magic string whatever the file's name, or text, one code per line.
 pub fn read(path: Option<&Path>, field: Field, latent_dim: i64, device: Device) -> Result<Tensor> {
-    let z = match path {
-        Some(p) if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy")) => {
-            read_npy(p, field, latent_dim)?
-        }
-        Some(p) if p != Path::new("-") => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("reading codes from {}", p.display()))?;
-            parse_text(&text, field, latent_dim).with_context(|| p.display().to_string())?
-        }
+    let (bytes, name) = match path {
+        Some(p) if p != Path::new("-") => (
+            std::fs::read(p).with_context(|| format!("reading codes from {}", p.display()))?,
+            p.display().to_string(),
+        ),
         _ => {
-            let mut text = String::new();
+            let mut bytes = Vec::new();
             std::io::stdin()
-                .read_to_string(&mut text)
+                .read_to_end(&mut bytes)
                 .context("reading codes from standard input")?;
-            parse_text(&text, field, latent_dim).context("standard input")?
+            (bytes, "standard input".to_string())
         }
+    };
+    let z = if bytes.starts_with(NPY_MAGIC) {
+        read_npy(&bytes, field, latent_dim).with_context(|| name.clone())?
+    } else {
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|e| anyhow::anyhow!("neither npy nor UTF-8 text ({e})"))
+            .with_context(|| name.clone())?;
+        parse_text(text, field, latent_dim).with_context(|| name.clone())?
     };
     Ok(z.to_device(device))
 }
 
+/// How every npy file starts.
+const NPY_MAGIC: &[u8] = b"\x93NUMPY";
+
 /// An npy array of floats: [N, Z], or `encode`'s [N, 2 or 3, Z] from which `field` is taken.
-fn read_npy(path: &Path, field: Field, latent_dim: i64) -> Result<Tensor> {
-    let t = npy_floats(path)?;
-    let ctx = || format!("{}: shape {:?}", path.display(), t.size());
+fn read_npy(bytes: &[u8], field: Field, latent_dim: i64) -> Result<Tensor> {
+    let t = npy_floats(bytes)?;
+    let ctx = || format!("shape {:?}", t.size());
     let z = match t.size().as_slice() {
         [_, _] => t.shallow_clone(),
         [_, k, _] if *k == 2 || *k == 3 => {
@@ -162,19 +169,17 @@ fn read_npy(path: &Path, field: Field, latent_dim: i64) -> Result<Tensor> {
 /// An npy file of float32 or float64 numbers, in either byte or axis order, as a float32 tensor
 /// of its shape. Read through `npyz`, which checks the data against the header (libtorch's own
 /// reader trusts the header's shape and reads past the end of a short file).
-fn npy_floats(path: &Path) -> Result<Tensor> {
-    let ctx = || format!("reading {}", path.display());
-    let file = std::fs::File::open(path).with_context(ctx)?;
-    let npy = npyz::NpyFile::new(std::io::BufReader::new(file)).with_context(ctx)?;
+fn npy_floats(bytes: &[u8]) -> Result<Tensor> {
+    let npy = npyz::NpyFile::new(bytes).context("reading npy")?;
     let shape = npy
         .shape()
         .iter()
         .map(|&d| i64::try_from(d))
         .collect::<Result<Vec<i64>, _>>()
-        .with_context(|| format!("{}: shape {:?} out of range", ctx(), npy.shape()))?;
+        .with_context(|| format!("shape {:?} out of range", npy.shape()))?;
     let fortran = npy.order() == npyz::Order::Fortran;
     let descr = npy.dtype().descr();
-    let data_ctx = || format!("{}: fewer numbers than its shape {shape:?}", ctx());
+    let data_ctx = || format!("fewer numbers than its shape {shape:?}");
     let floats: Vec<f32> = match npy.try_data::<f32>() {
         Ok(data) => data
             .collect::<std::io::Result<_>>()
@@ -184,10 +189,7 @@ fn npy_floats(path: &Path) -> Result<Tensor> {
                 .map(|x| x.map(|x| x as f32))
                 .collect::<std::io::Result<_>>()
                 .with_context(data_ctx)?,
-            Err(_) => anyhow::bail!(
-                "{}: numbers of type {descr}; decode reads float32 or float64",
-                path.display()
-            ),
+            Err(_) => anyhow::bail!("numbers of type {descr}; decode reads float32 or float64"),
         },
     };
     let t = Tensor::from_slice(&floats);
@@ -200,7 +202,7 @@ fn npy_floats(path: &Path) -> Result<Tensor> {
     } else {
         t.f_view(shape.as_slice())
     };
-    shaped.with_context(|| format!("{}: shape {shape:?}", ctx()))
+    shaped.with_context(|| format!("shape {shape:?}"))
 }
 
 /// One code per non-blank line (blank lines are skipped): [N, Z].

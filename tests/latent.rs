@@ -297,7 +297,8 @@ fn decode_turns_codes_back_into_sentences() {
     run(&["decode"], Some("\n")).fails_with("no codes");
 
     // npy as numpy writes it: float64, big-endian, Fortran order — the same codes, the same
-    // sentences; a file shorter than its header says is refused, not read past its end.
+    // sentences, known by content rather than name; a file shorter than its header says is
+    // refused, not read past its end.
     let mu: Vec<f64> = rows[..3]
         .iter()
         .flat_map(|r| {
@@ -313,7 +314,7 @@ fn decode_turns_codes_back_into_sentences() {
         .map(|(i, j)| mu[i * 8 + j])
         .collect();
     let be: Vec<u8> = column_major.iter().flat_map(|x| x.to_be_bytes()).collect();
-    let fortran = dir.path().join("fortran.npy");
+    let fortran = dir.path().join("fortran.codes");
     std::fs::write(&fortran, npy_bytes(">f8", "(3, 8)", true, &be)).unwrap();
     let first3: String = reconstructed
         .lines()
