@@ -491,11 +491,11 @@ fn check_batch_size(n: usize) -> Result<()> {
     Ok(())
 }
 
-/// How sentences are decoded from z: shared by generate, reconstruct and interpolate.
+/// How sentences are decoded from z: shared by generate, reconstruct, interpolate and decode.
 #[derive(clap::Args, Debug)]
 pub struct DecodeArgs {
-    /// Sampling temperature; 0 = argmax [default: 1 for generate; reconstruct and interpolate
-    /// decode greedily unless a sampling flag is given].
+    /// Sampling temperature; 0 = argmax [default: 1 for generate; reconstruct, interpolate and
+    /// decode are greedy unless a sampling flag is given].
     #[arg(long, allow_negative_numbers = true)]
     pub temperature: Option<f64>,
     /// Sample only among the K most likely tokens.
@@ -524,7 +524,7 @@ pub struct DecodeArgs {
 
 impl DecodeArgs {
     /// The strategy asked for; with no sampling flag, `sample_by_default` picks temperature 1
-    /// sampling (generate) over greedy decoding (reconstruct, interpolate).
+    /// sampling (generate) over greedy decoding (reconstruct, interpolate, decode).
     pub fn strategy(&self, sample_by_default: bool) -> Result<Strategy> {
         let sampling_asked =
             self.temperature.is_some() || self.top_k.is_some() || self.top_p.is_some();
