@@ -395,12 +395,11 @@ pub fn load_weights(dir: &Path, weights: &str, device: Device) -> Result<Loaded>
 /// The checkpoint's [`CHARACTERS`], or None where it has no such file.
 fn read_characters(dir: &Path) -> Result<Option<String>> {
     let path = dir.join(CHARACTERS);
-    if !path.exists() {
-        return Ok(None);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
-    std::fs::read_to_string(&path)
-        .map(Some)
-        .with_context(|| format!("reading {}", path.display()))
 }
 
 /// A tokenizer matches a checkpoint when it is of the recorded kind and has the vocabulary size
