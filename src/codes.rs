@@ -60,10 +60,10 @@ impl Field {
 /// Z], written whole or not at all.
 pub fn write_npy(path: &Path, codes: &[Tensor], latent_dim: i64) -> Result<()> {
     let all = Tensor::stack(codes, 1); // [N, 2 or 3, Z]
-    let tmp = path.with_extension("tmp.npy");
-    all.write_npy(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    crate::files::write_atomic_with(path, |tmp| {
+        all.write_npy(tmp)
+            .with_context(|| format!("writing {}", tmp.display()))
+    })?;
     let size = all.size();
     eprintln!(
         "{}: {} sentences x {} x {latent_dim}",

@@ -200,8 +200,14 @@ fn panel(
     Ok(())
 }
 
-/// Draws the four panels into a PNG of `size` pixels at `out`.
+/// Draws the four panels into a PNG of `size` pixels at `out`, replacing it whole or not at
+/// all (an existing plot survives a failed redraw).
 pub fn draw(c: &Curves, out: &Path, title: &str, size: (u32, u32)) -> Result<()> {
+    crate::files::write_atomic_with(out, |tmp| draw_at(c, tmp, title, size))
+}
+
+/// [`draw`] straight into `out` (a temporary path: the PNG is encoded at `present`).
+fn draw_at(c: &Curves, out: &Path, title: &str, size: (u32, u32)) -> Result<()> {
     register_font()?;
     let root = BitMapBackend::new(out, size).into_drawing_area();
     root.fill(&WHITE)

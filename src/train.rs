@@ -131,7 +131,7 @@ fn prepare(
     }
     ensure!(
         train.seqs.len() >= cfg.batch_size,
-        "the corpus has {} usable training sentences, fewer than one batch of {} (lower --batch-size or use a larger corpus)",
+        "the corpus has {} usable training sentence(s), fewer than one batch of {} (lower --batch-size or use a larger corpus)",
         train.seqs.len(),
         cfg.batch_size
     );

@@ -225,18 +225,12 @@ fn encode_gives_one_vector_of_the_latent_size_per_input() {
 
     let (dir, _) = model();
     let npy = dir.path().join("z.npy");
-    run(
-        &[
-            "encode",
-            common::tiny_corpus().to_str().unwrap(),
-            "--format",
-            "npy",
-            "-o",
-            npy.to_str().unwrap(),
-        ],
-        None,
-    )
-    .ok();
+    let encode_to = |out: &Path| {
+        let corpus = common::tiny_corpus();
+        let args = ["encode", corpus.to_str().unwrap(), "--format", "npy", "-o"];
+        run(&[&args[..], &[out.to_str().unwrap()]].concat(), None)
+    };
+    encode_to(&npy).ok();
     let t = tch::Tensor::read_npy(&npy).unwrap();
     assert_eq!(t.size(), vec![20, 2, 8]);
     // Same numbers as the JSON lines (mu of the first sentence).
@@ -247,6 +241,16 @@ fn encode_gives_one_vector_of_the_latent_size_per_input() {
         .map(|x| x.as_f64().unwrap())
         .collect();
     assert!((t.double_value(&[0, 0, 0]) - first[0]).abs() < 1e-5);
+    // Written through a temporary file that is gone once the array is in place; a target that
+    // cannot be written is named as the user gave it.
+    let leftovers: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let unwritable = dir.path().join("no-such-dir").join("z.npy");
+    encode_to(&unwritable).fails_with(&format!("saving {}", unwritable.display()));
 }
 
 /// `decode` turns encode's codes, in each of its formats, back into what `reconstruct` writes
