@@ -740,7 +740,6 @@ pub struct InfoArgs {
     pub threads: Option<usize>,
 }
 
-/// Runs one subcommand; a libtorch error (out of memory, say) comes back as an error.
 /// Whether `err` comes from writing to a reader that has gone (`textvae generate | head -3`):
 /// the reader has what it wanted, so `main` ends quietly, as the other producers of a
 /// pipeline do, rather than printing an error nobody asked about.
@@ -752,6 +751,7 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
+/// Runs one subcommand; a libtorch error (out of memory, say) comes back as an error.
 pub fn run(cli: Cli) -> Result<()> {
     runtime::catch_torch(|| dispatch(cli))
 }

@@ -122,14 +122,13 @@ pub fn read(path: Option<&Path>, field: Field, latent_dim: i64, device: Device) 
         }
     };
     let z = if bytes.starts_with(NPY_MAGIC) {
-        read_npy(&bytes, field, latent_dim).with_context(|| name.clone())?
+        read_npy(&bytes, field, latent_dim)
     } else {
-        let text = std::str::from_utf8(&bytes)
+        std::str::from_utf8(&bytes)
             .map_err(|e| anyhow::anyhow!("neither npy nor UTF-8 text ({e})"))
-            .with_context(|| name.clone())?;
-        parse_text(text, field, latent_dim).with_context(|| name.clone())?
+            .and_then(|text| parse_text(text, field, latent_dim))
     };
-    Ok(z.to_device(device))
+    Ok(z.with_context(|| name)?.to_device(device))
 }
 
 /// How every npy file starts.
