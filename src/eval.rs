@@ -209,7 +209,9 @@ pub const MI_MAX_SENTENCES: usize = 10_000;
 /// `calc_mi`) cannot tell 4.2 nats from more; here N is the set, up to `MI_MAX_SENTENCES`.
 pub fn mutual_information(mu: &Tensor, logvar: &Tensor) -> f64 {
     let n = mu.size()[0];
-    if n == 0 {
+    // One sentence's aggregate posterior is its posterior: the MI is exactly 0, where the
+    // one-sample estimate below would report noise of several nats.
+    if n <= 1 {
         return 0.0;
     }
     let (mu, logvar) = mi_subset(mu, logvar, MI_MAX_SENTENCES as i64);
@@ -363,6 +365,8 @@ mod tests {
             .repeat([n, 1]);
         let mi = mutual_information(&mu, &logvar);
         assert!(mi.abs() < 0.05, "mi {mi}");
+        let one = mutual_information(&mu.narrow(0, 0, 1), &logvar.narrow(0, 0, 1));
+        assert_eq!(one, 0.0);
         // Posteriors far apart and narrow: MI approaches its ceiling ln N.
         let mu = Tensor::arange(n, (Kind::Float, Device::Cpu)).view([n, 1]) * 10.0;
         let logvar = Tensor::full([n, 1], -4.0, (Kind::Float, Device::Cpu));
