@@ -669,6 +669,11 @@ pub struct DecodeCodesArgs {
     /// Which of encode's vectors to decode; a bare vector is decoded as it is.
     #[arg(long, value_enum, default_value = "mu")]
     pub field: Field,
+    /// Sentences per code, each code's on adjacent lines: samples of p(x|z), so it needs a
+    /// sampling flag (--temperature, --top-k or --top-p); greedy and beam decoding give one
+    /// sentence per code.
+    #[arg(short = 'n', long = "num", default_value_t = 1)]
+    pub num: usize,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -1109,8 +1114,16 @@ fn run_encode(a: EncodeArgs) -> Result<()> {
 fn run_decode(a: DecodeCodesArgs) -> Result<()> {
     let strategy = a.decode.strategy(false)?;
     a.decode.validate()?;
+    anyhow::ensure!(a.num >= 1, "--num must be at least 1");
+    anyhow::ensure!(
+        a.num == 1 || matches!(strategy, Strategy::Sample { .. }),
+        "--num {} asks for several sentences per code, but greedy and beam decoding give one: add --temperature T, --top-k K or --top-p P to sample them",
+        a.num
+    );
     let (model, device) = a.model.load()?;
     let z = codes::read(a.input.as_deref(), a.field, model.vae.latent_dim, device)?; // [N, Z]
+                                                                                     // [N*K, Z]: the K rows of a code are adjacent.
+    let z = z.repeat_interleave_self_int(a.num as i64, 0, None);
     let decoding = a.decode.decoding(strategy, &model);
     let texts = model.decode(&z, &decoding, a.decode.batch_size)?;
     let mut out = std::io::stdout().lock();

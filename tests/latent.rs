@@ -292,6 +292,32 @@ fn decode_turns_codes_back_into_sentences() {
         .collect();
     let out = run(&["decode", "-"], Some(&format!("\n{}\n", mean.join(", "))));
     assert_eq!(out.ok().stdout.lines().count(), 1);
+    // Several samples of p(x|z) per code, a code's on adjacent lines; seeded, so repeatable.
+    let sampled = |seed: &str| {
+        let args = [
+            "decode",
+            n,
+            "--num",
+            "3",
+            "--temperature",
+            "1",
+            "--seed",
+            seed,
+        ];
+        run(&args, None).ok().stdout.clone()
+    };
+    let three = sampled("4");
+    assert_eq!(three.lines().count(), 60);
+    assert_eq!(three, sampled("4"));
+    let lines: Vec<&str> = three.lines().collect();
+    let varied = lines
+        .chunks(3)
+        .filter(|k| k[0] != k[1] || k[1] != k[2])
+        .count();
+    assert!(varied > 0, "{three}");
+    run(&["decode", n, "--num", "3"], None).fails_with("greedy and beam decoding give one");
+    run(&["decode", n, "--num", "0", "--temperature", "1"], None)
+        .fails_with("--num must be at least 1");
 
     let short = run(&["decode"], Some("0 0 0 0 0 0 0 0\n1 2 3\n"));
     short.fails_with("a code of 3 numbers, but the model's z has 8");
