@@ -1122,8 +1122,7 @@ fn run_decode(a: DecodeCodesArgs) -> Result<()> {
     );
     let (model, device) = a.model.load()?;
     let z = codes::read(a.input.as_deref(), a.field, model.vae.latent_dim, device)?; // [N, Z]
-                                                                                     // [N*K, Z]: the K rows of a code are adjacent.
-    let z = z.repeat_interleave_self_int(a.num as i64, 0, None);
+    let z = z.repeat_interleave_self_int(a.num as i64, 0, None); // [N*K, Z], a code's K adjacent
     let decoding = a.decode.decoding(strategy, &model);
     let texts = model.decode(&z, &decoding, a.decode.batch_size)?;
     let mut out = std::io::stdout().lock();
