@@ -3,8 +3,8 @@
 # Tatoeba sentences less every 89th line (the file is sorted by length, so `awk 'NR % 89'` holds
 # out 310 sentences of every length), for MINUTES on this machine; then, on the unseen
 # sentences: `eval` with K importance samples (NLL, KL, MI, AU, greedy reconstruction accuracy,
-# exact match, BLEU-4), the same reconstruction scores with codes refined by `--refine 30`, two
-# interpolations and walks between 50 seeded pairs. Writes markdown and JSON under bench/results/.
+# exact match, BLEU-4), the same reconstruction scores with codes refined by `--refine 30` and
+# with beam search (`--beam 5`), two interpolations and walks between 50 seeded pairs. Writes markdown and JSON under bench/results/.
 #
 #   bench/tatoeba.sh [MINUTES] [train flags...]     (MINUTES defaults to 10)
 #
@@ -38,6 +38,9 @@ $bin reconstruct "$work/unseen.txt" "${m[@]}" > "$work/reconstructions.tsv"
 # The same with each code refined by 30 gradient steps (reconstruct --refine): what the encoder misses.
 $bin reconstruct "$work/unseen.txt" "${m[@]}" --refine 30 --score \
   > "$work/reconstructions-refined.tsv" 2> "$work/refined-score.txt"
+# And with beam search in place of greedy decoding: what a user who asks for it gets.
+$bin reconstruct "$work/unseen.txt" "${m[@]}" --beam 5 --score \
+  > "$work/reconstructions-beam.tsv" 2> "$work/beam-score.txt"
 # One pair says little about walks in general: 50 pairs of unseen sentences, drawn with a fixed seed.
 python3 -c '
 import random, sys
@@ -71,10 +74,14 @@ many = [len(set(w.splitlines())) for w in open(os.path.join(work, "walks.txt")).
 walk_stats = {"pairs": len(many), "mean_distinct": sum(many) / len(many),
               "share_at_least_7": sum(d >= 7 for d in many) / len(many)}
 recs = [l.rstrip("\n").split("\t") for l in open(os.path.join(work, "reconstructions.tsv"))]
-# "score: token accuracy A, exact match E, BLEU-4 B over ..."
-score = next(l for l in open(os.path.join(work, "refined-score.txt")) if l.startswith("score:"))
-acc, exact, bleu = (float(x) for x in re.findall(r"(?:accuracy|match|BLEU-4) ([0-9.]+)", score))
+def scores(name):
+    # "score: token accuracy A, exact match E, BLEU-4 B over ..."
+    line = next(l for l in open(os.path.join(work, name)) if l.startswith("score:"))
+    return (float(x) for x in re.findall(r"(?:accuracy|match|BLEU-4) ([0-9.]+)", line))
+acc, exact, bleu = scores("refined-score.txt")
 refined = {"refine_steps": 30, "rec_acc": acc, "rec_exact": exact, "rec_bleu": bleu}
+b_acc, b_exact, b_bleu = scores("beam-score.txt")
+beam = {"beam": 5, "rec_acc": b_acc, "rec_exact": b_exact, "rec_bleu": b_bleu}
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 result = {
     "date": out.rsplit("-", 1)[-1], "corpus": corpus, "machine": f"{cpu}, {os.cpu_count()} cores",
@@ -82,7 +89,7 @@ result = {
     "train_lines": train_lines, "train_every": int(every),
     "steps": state["step"], "epochs": state["epoch"],
     "tokens_per_sec_median": statistics.median(speeds) if speeds else None,
-    "unseen": t, "unseen_refined": refined, "interpolation_distinct_lines": distinct, "walks": walk_stats,
+    "unseen": t, "unseen_refined": refined, "unseen_beam": beam, "interpolation_distinct_lines": distinct, "walks": walk_stats,
     "config": json.load(open(os.path.join(model, "config.json"))),
 }
 json.dump(result, open(out + ".json", "w"), indent=2)
@@ -99,7 +106,8 @@ on {train_lines} training lines{f' (one in {every} of the training split)' if ev
 | {t['nll']:.2f} | {t['kl']:.2f} ({t.get('kl_normal', t['kl']):.2f}) | {t['mi']:.2f} | {t['au']} | {t['rec']:.2f} | {t['elbo']:.2f} | {t['rec_acc']:.3f} | {t['rec_exact']:.3f} | {t['rec_bleu']:.1f} |
 
 With each code refined by 30 gradient steps first (`reconstruct --refine 30`): token accuracy
-{acc:.3f}, exact match {exact:.3f}, BLEU-4 {bleu:.1f}.
+{acc:.3f}, exact match {exact:.3f}, BLEU-4 {bleu:.1f}. With beam search (`reconstruct --beam 5`):
+token accuracy {b_acc:.3f}, exact match {b_exact:.3f}, BLEU-4 {b_bleu:.1f}.
 
 Greedy reconstructions (every 31st unseen sentence):
 
