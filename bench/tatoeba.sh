@@ -4,7 +4,8 @@
 # out 310 sentences of every length), for MINUTES on this machine; then, on the unseen
 # sentences: `eval` with K importance samples (NLL, KL, MI, AU, greedy reconstruction accuracy,
 # exact match, BLEU-4), the same reconstruction scores with codes refined by `--refine 30` and
-# with beam search (`--beam 5`), two interpolations and walks between 50 seeded pairs. Writes markdown and JSON under bench/results/.
+# with beam search (`--beam 5`), two interpolations and walks between 50 seeded pairs. Writes
+# markdown and JSON under bench/results/.
 #
 #   bench/tatoeba.sh [MINUTES] [train flags...]     (MINUTES defaults to 10)
 #

@@ -581,7 +581,8 @@ pub struct ReconstructArgs {
     /// Draw z from q(z|x) instead of taking its mean.
     #[arg(long)]
     pub sample: bool,
-    /// Reconstructions per input sentence.
+    /// Reconstructions per input sentence, each input's on adjacent lines: they differ with
+    /// --sample or a sampling flag, so more than one needs either.
     #[arg(long, default_value_t = 1)]
     pub num: usize,
     /// Refine each code by this many gradient steps on -log p(x|z) - log N(z; 0, I) before
@@ -874,7 +875,7 @@ fn encode_inputs(model: &checkpoint::Loaded, corpus: &Corpus) -> Result<data::Se
 fn run_reconstruct(a: ReconstructArgs) -> Result<()> {
     let strategy = a.decode.strategy(false)?;
     a.decode.validate()?;
-    anyhow::ensure!(a.num >= 1, "--num must be at least 1");
+    check_num(a.num, strategy, a.sample, ", or draw the codes (--sample)")?;
     let corpus = read_inputs(a.input.as_deref())?;
     let (model, device) = a.model.load()?;
     let seqs = encode_inputs(&model, &corpus)?;
@@ -1110,16 +1111,22 @@ fn run_encode(a: EncodeArgs) -> Result<()> {
     }
 }
 
+/// `--num` sentences per code must be able to differ: sampled words, or codes drawn afresh
+/// (`codes_vary`; `also` names the flag that draws them, where there is one).
+fn check_num(num: usize, strategy: Strategy, codes_vary: bool, also: &str) -> Result<()> {
+    anyhow::ensure!(num >= 1, "--num must be at least 1");
+    anyhow::ensure!(
+        num == 1 || codes_vary || matches!(strategy, Strategy::Sample { .. }),
+        "--num {num} asks for several sentences per code, but greedy and beam decoding give one: sample them (--temperature above 0, --top-k K or --top-p P){also}"
+    );
+    Ok(())
+}
+
 /// Greedy by default, as `reconstruct`: the codes' own sentences rather than samples near them.
 fn run_decode(a: DecodeCodesArgs) -> Result<()> {
     let strategy = a.decode.strategy(false)?;
     a.decode.validate()?;
-    anyhow::ensure!(a.num >= 1, "--num must be at least 1");
-    anyhow::ensure!(
-        a.num == 1 || matches!(strategy, Strategy::Sample { .. }),
-        "--num {} asks for several sentences per code, but greedy and beam decoding give one: add --temperature T, --top-k K or --top-p P to sample them",
-        a.num
-    );
+    check_num(a.num, strategy, false, "")?;
     let (model, device) = a.model.load()?;
     let z = codes::read(a.input.as_deref(), a.field, model.vae.latent_dim, device)?; // [N, Z]
     let z = z.repeat_interleave_self_int(a.num as i64, 0, None); // [N*K, Z], a code's K adjacent

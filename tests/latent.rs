@@ -316,6 +316,7 @@ fn decode_turns_codes_back_into_sentences() {
         .count();
     assert!(varied > 0, "{three}");
     run(&["decode", n, "--num", "3"], None).fails_with("greedy and beam decoding give one");
+    run(&["reconstruct", c, "--num", "3", "--beam", "2"], None).fails_with("--sample");
     run(&["decode", n, "--num", "0", "--temperature", "1"], None)
         .fails_with("--num must be at least 1");
 
