@@ -4,8 +4,8 @@
 //! log p(x) ~ logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K with z_k ~ q(z|x);
 //! perplexity exp(total NLL / tokens); the mutual information I_q(x; z) from the aggregate
 //! posterior; active units (dimension d is active when Cov_x(E_q[z_d]) > 0.01); and what a user
-//! sees of z: greedy reconstruction from the posterior mean, scored by token accuracy, exact
-//! match and corpus BLEU-4 (REFERENCE §3). Training's per-epoch validation calls
+//! sees of z: greedy (or, asked, beam) reconstruction from the posterior mean, scored by token
+//! accuracy, exact match and corpus BLEU-4 (REFERENCE §3). Training's per-epoch validation calls
 //! `evaluate_elbo` and `latent::reconstruction_score`, the same code.
 
 use anyhow::Result;
@@ -17,7 +17,7 @@ use crate::latent::reconstruction_score;
 use crate::loss::kl_per_dim;
 use crate::model::{reconstruction_nll, Pass, Vae, ZFrom};
 use crate::prior::{diagonal_log_prob, Prior, LN_2PI};
-use crate::sample::Decoding;
+use crate::sample::{Decoding, Strategy};
 
 /// Threshold on the variance of the posterior mean across sentences for an active unit.
 pub const AU_THRESHOLD: f64 = 0.01;
@@ -272,7 +272,9 @@ pub struct EvalReport {
     pub iw_samples: usize,
     /// The number format of the output layer's products in the NLL's samples: "f32" or "bf16".
     pub iw_precision: &'static str,
-    /// Greedy reconstruction from the posterior mean, as `textvae reconstruct --score`: token
+    /// How the reconstructions were decoded: "greedy" (the default) or "beam K".
+    pub rec_decoding: String,
+    /// Reconstruction from the posterior mean, as `textvae reconstruct --score`: token
     /// accuracy, exact-match rate, corpus BLEU-4 (0-100).
     pub rec_acc: f64,
     pub rec_exact: f64,
@@ -333,6 +335,10 @@ pub fn evaluate(
         mi,
         iw_samples: opts.iw_samples,
         iw_precision: crate::runtime::precision_name(opts.iw_kind),
+        rec_decoding: match opts.decoding.strategy {
+            Strategy::Beam { width } => format!("beam {width}"),
+            _ => "greedy".to_string(),
+        },
         rec_acc: rec.token_accuracy,
         rec_exact: rec.exact_match,
         rec_bleu: rec.bleu,

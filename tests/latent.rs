@@ -520,50 +520,55 @@ fn bad_latent_inputs_behave_as_documented() {
 }
 
 /// `eval` and `reconstruct --score` report the same reconstruction: greedy from the posterior
-/// mean, the default repeat guard, the same scoring code.
+/// mean (or beam search, asked of both), the default repeat guard, the same scoring code.
 #[test]
 fn eval_reports_the_reconstruction_that_reconstruct_scores() {
     let corpus = common::tiny_corpus();
     let c = corpus.to_str().unwrap();
-    let ev = run(&["eval", c, "--json", "--iw-samples", "2"], None);
-    let v: serde_json::Value = serde_json::from_str(ev.ok().stdout.trim()).unwrap();
-    // No terminal here: progress comes as log lines on stderr, the last one at 100%.
-    assert!(
-        ev.stderr
+    for (decoding, extra) in [("greedy", vec![]), ("beam 2", vec!["--beam", "2"])] {
+        let ev = run(
+            &[&["eval", c, "--json", "--iw-samples", "2"], &extra[..]].concat(),
+            None,
+        );
+        let v: serde_json::Value = serde_json::from_str(ev.ok().stdout.trim()).unwrap();
+        assert_eq!(v["rec_decoding"], decoding);
+        // No terminal here: progress comes as log lines on stderr, the last one at 100%.
+        assert!(
+            ev.stderr
+                .lines()
+                .any(|l| l.starts_with("eval: the NLL's samples: 100% after")),
+            "no progress line:\n{}",
+            ev.stderr
+        );
+        let rec = run(&[&["reconstruct", c, "--score"], &extra[..]].concat(), None);
+        let line = rec
+            .ok()
+            .stderr
             .lines()
-            .any(|l| l.starts_with("eval: the NLL's samples: 100% after")),
-        "no progress line:\n{}",
-        ev.stderr
-    );
-    let rec = run(&["reconstruct", c, "--score"], None);
-    let line = rec
-        .ok()
-        .stderr
-        .lines()
-        .find(|l| l.starts_with("score:"))
-        .unwrap_or_else(|| panic!("no score line:\n{}", rec.stderr))
-        .to_string();
-    // "score: token accuracy A, exact match E, BLEU-4 B over ..."
-    let number_after = |key: &str| -> f64 {
-        let rest = &line[line.find(key).unwrap() + key.len()..];
-        let tok = rest.split([',', ' ']).find(|t| !t.is_empty()).unwrap();
-        tok.parse().unwrap()
-    };
-    let f = |k: &str| v[k].as_f64().unwrap();
-    assert!(
-        (f("rec_acc") - number_after("token accuracy")).abs() < 6e-5,
-        "{line} vs {v}"
-    );
-    assert!(
-        (f("rec_exact") - number_after("exact match")).abs() < 6e-5,
-        "{line} vs {v}"
-    );
-    assert!(
-        (f("rec_bleu") - number_after("BLEU-4")).abs() < 6e-3,
-        "{line} vs {v}"
-    );
-    // The memorised corpus comes back nearly whole, so the figures are not vacuous.
-    assert!(f("rec_acc") > 0.9 && f("rec_bleu") > 80.0, "{v}");
+            .find(|l| l.starts_with("score:"))
+            .unwrap_or_else(|| panic!("no score line:\n{}", rec.stderr))
+            .to_string();
+        // "score: token accuracy A, exact match E, BLEU-4 B over ..."
+        let number_after = |key: &str| -> f64 {
+            let rest = &line[line.find(key).unwrap() + key.len()..];
+            let tok = rest.split([',', ' ']).find(|t| !t.is_empty()).unwrap();
+            tok.parse().unwrap()
+        };
+        let f = |k: &str| v[k].as_f64().unwrap();
+        for (key, label, tolerance) in [
+            ("rec_acc", "token accuracy", 6e-5),
+            ("rec_exact", "exact match", 6e-5),
+            ("rec_bleu", "BLEU-4", 6e-3),
+        ] {
+            assert!(
+                (f(key) - number_after(label)).abs() < tolerance,
+                "{decoding}: {line} vs {v}"
+            );
+        }
+        // The memorised corpus comes back nearly whole, so the figures are not vacuous.
+        assert!(f("rec_acc") > 0.9 && f("rec_bleu") > 80.0, "{v}");
+    }
+    run(&["eval", c, "--beam", "0"], None).fails_with("--beam must be in 1..=");
 }
 
 /// `eval --sentences N` scores N sentences spread through the file; more than there are is all.
@@ -610,6 +615,7 @@ fn eval_json_has_its_keys_and_ppl_follows_nll() {
         "au",
         "iw_samples",
         "iw_precision",
+        "rec_decoding",
         "rec_acc",
         "rec_exact",
         "rec_bleu",
