@@ -272,7 +272,8 @@ pub struct EvalReport {
     pub iw_samples: usize,
     /// The number format of the output layer's products in the NLL's samples: "f32" or "bf16".
     pub iw_precision: &'static str,
-    /// How the reconstructions were decoded: "greedy" (the default) or "beam K".
+    /// How the reconstructions were decoded: "greedy" (the default) or "beam K" (or, from a
+    /// library caller, "sampled at temperature T").
     pub rec_decoding: String,
     /// Reconstruction from the posterior mean, as `textvae reconstruct --score`: token
     /// accuracy, exact-match rate, corpus BLEU-4 (0-100).
@@ -336,8 +337,10 @@ pub fn evaluate(
         iw_samples: opts.iw_samples,
         iw_precision: crate::runtime::precision_name(opts.iw_kind),
         rec_decoding: match opts.decoding.strategy {
+            Strategy::Greedy => "greedy".to_string(),
             Strategy::Beam { width } => format!("beam {width}"),
-            _ => "greedy".to_string(),
+            // Not what `textvae eval` asks for, but a library caller may.
+            Strategy::Sample { temperature, .. } => format!("sampled at temperature {temperature}"),
         },
         rec_acc: rec.token_accuracy,
         rec_exact: rec.exact_match,
